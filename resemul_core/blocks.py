@@ -1,0 +1,178 @@
+"""Building blocks of the sample-level CNNs (Kim, Lee & Nam, ICASSP 2018, SPEC §2.2).
+
+Public: :class:`SqueezeExcitation`, :class:`BasicBlock`, :class:`ResidualBlock`.
+
+Shape legend: B = batch, C = channels, T = time steps (samples at the stem's rate).
+Every block maps ``(B, C_in, T)`` to ``(B, C_out, T // 3)`` and returns a pair
+``(output, excitation)`` where ``excitation`` is the SE gate ``(B, C_out)`` or ``None``
+for blocks without squeeze-and-excitation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["SqueezeExcitation", "BasicBlock", "ResidualBlock", "batch_norm"]
+
+# Keras 2.0.5 BatchNormalization defaults (SPEC §7.2): momentum 0.99 means a PyTorch
+# momentum of 0.01, and epsilon is 1e-3 rather than PyTorch's 1e-5.
+KERAS_BN_EPS = 1e-3
+KERAS_BN_MOMENTUM = 0.01
+
+
+def batch_norm(
+    channels: int, *, eps: float = KERAS_BN_EPS, momentum: float = KERAS_BN_MOMENTUM
+) -> nn.BatchNorm1d:
+    """A ``BatchNorm1d`` with the Keras defaults used throughout the paper's models.
+
+    Note:
+        Keras updates the moving variance with the biased batch variance, PyTorch with the
+        unbiased one; the difference is a factor N/(N-1) on the running variance only.
+    """
+    return nn.BatchNorm1d(channels, eps=eps, momentum=momentum)
+
+
+def conv3(c_in: int, c_out: int) -> nn.Conv1d:
+    """Kernel-3, stride-1, 'same'-padded convolution with bias, as in every block."""
+    return nn.Conv1d(c_in, c_out, kernel_size=3, stride=1, padding=1, bias=True)
+
+
+class SqueezeExcitation(nn.Module):
+    """The SE gate: time-average, expand by ``alpha``, contract, sigmoid.
+
+    The paper's ratio ``alpha`` *amplifies*: the hidden layer has ``round(alpha * C)`` units
+    (16 C by default, 8192 units for C = 512), unlike the reduction ratio of SENet.
+
+    Args:
+        channels: C, the number of channels gated.
+        alpha: expansion ratio of the hidden layer (SPEC §2.2, default 16).
+
+    Shapes:
+        input ``(B, C, T)`` -> gate ``(B, C)`` with values in (0, 1).
+    """
+
+    def __init__(self, channels: int, *, alpha: float = 16.0) -> None:
+        super().__init__()
+        hidden = max(1, round(alpha * channels))
+        self.expand = nn.Linear(channels, hidden)
+        self.contract = nn.Linear(hidden, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        squeezed = x.mean(dim=-1)  # B, C
+        return torch.sigmoid(self.contract(torch.relu(self.expand(squeezed))))  # B, C
+
+
+class BasicBlock(nn.Module):
+    """Conv(k3) -> BN -> ReLU -> MaxPool(3), optionally followed by an SE gate.
+
+    With ``se_alpha`` set this is the paper's SE block: the gate is computed on the
+    pooled, post-ReLU map and scales it channel-wise (SPEC §2.2, ``R:model.py:25-28``).
+
+    Args:
+        c_in: input channels.
+        c_out: output channels.
+        se_alpha: SE expansion ratio, or ``None`` for the Basic block.
+        bn_eps: BatchNorm epsilon.
+        bn_momentum: BatchNorm momentum (PyTorch convention).
+
+    Shapes:
+        ``(B, c_in, T)`` -> ``((B, c_out, T // 3), (B, c_out) or None)``.
+    """
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        *,
+        se_alpha: float | None = None,
+        bn_eps: float = KERAS_BN_EPS,
+        bn_momentum: float = KERAS_BN_MOMENTUM,
+    ) -> None:
+        super().__init__()
+        self.conv = conv3(c_in, c_out)
+        self.bn = batch_norm(c_out, eps=bn_eps, momentum=bn_momentum)
+        self.pool = nn.MaxPool1d(3)
+        self.se = SqueezeExcitation(c_out, alpha=se_alpha) if se_alpha is not None else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.pool(torch.relu(self.bn(self.conv(x))))  # B, C_out, T/3
+        if self.se is None:
+            return out, None
+        gate = self.se(out)  # B, C_out
+        return out * gate.unsqueeze(-1), gate
+
+
+class ResidualBlock(nn.Module):
+    """Res-n / ReSE-n: a residual unit with one or two convolutions, then MaxPool(3).
+
+    Main path for ``num_convs = 2``: Conv -> BN -> ReLU -> Dropout -> Conv -> BN; for
+    ``num_convs = 1``: Conv -> BN. With ``se_alpha`` set (ReSE), the main path is scaled by
+    its SE gate after its last BN and before the addition. The shortcut is the identity
+    when the width is unchanged, else a 1x1 convolution + BN (no ReLU). Output:
+    ``MaxPool(ReLU(shortcut + main))`` (SPEC §2.2).
+
+    Args:
+        c_in: input channels.
+        c_out: output channels.
+        num_convs: n, 1 or 2.
+        se_alpha: SE expansion ratio (ReSE), or ``None`` (Res).
+        dropout: element-wise dropout between the two convolutions (only for n = 2;
+            0.2 in the paper).
+        bn_eps: BatchNorm epsilon.
+        bn_momentum: BatchNorm momentum (PyTorch convention).
+
+    Shapes:
+        ``(B, c_in, T)`` -> ``((B, c_out, T // 3), (B, c_out) or None)``.
+
+    Note:
+        Res-1/ReSE-1 are absent from the official code; they follow the poster's figure
+        and the authors' follow-up code (SPEC §2.2): no dropout for n = 1.
+    """
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        *,
+        num_convs: int,
+        se_alpha: float | None = None,
+        dropout: float = 0.2,
+        bn_eps: float = KERAS_BN_EPS,
+        bn_momentum: float = KERAS_BN_MOMENTUM,
+    ) -> None:
+        super().__init__()
+        if num_convs not in (1, 2):
+            raise ValueError(f"num_convs must be 1 or 2, got {num_convs}")
+        layers: list[nn.Module] = []
+        if num_convs == 2:
+            layers += [
+                conv3(c_in, c_out),
+                batch_norm(c_out, eps=bn_eps, momentum=bn_momentum),
+                nn.ReLU(),
+                nn.Dropout(dropout),
+            ]
+        layers += [
+            conv3(c_out if num_convs == 2 else c_in, c_out),
+            batch_norm(c_out, eps=bn_eps, momentum=bn_momentum),
+        ]
+        self.main = nn.Sequential(*layers)
+        self.se = SqueezeExcitation(c_out, alpha=se_alpha) if se_alpha is not None else None
+        self.shortcut: nn.Module
+        if c_in == c_out:
+            self.shortcut = nn.Identity()
+        else:
+            self.shortcut = nn.Sequential(
+                nn.Conv1d(c_in, c_out, kernel_size=1, bias=True),
+                batch_norm(c_out, eps=bn_eps, momentum=bn_momentum),
+            )
+        self.pool = nn.MaxPool1d(3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        main = self.main(x)  # B, C_out, T
+        gate = None
+        if self.se is not None:
+            gate = self.se(main)  # B, C_out
+            main = main * gate.unsqueeze(-1)
+        out = self.pool(torch.relu(self.shortcut(x) + main))  # B, C_out, T/3
+        return out, gate

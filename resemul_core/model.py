@@ -1,0 +1,332 @@
+"""The sample-level CNN and its twelve named variants (SPEC §2).
+
+Public: :data:`VARIANTS`, :class:`ModelConfig`, :class:`SampleCNN`, :func:`build_model`,
+:func:`model_config`, :func:`count_parameters`, :func:`variant_table`.
+
+Shape legend (paper width, 9 blocks): B = batch, T = 59049 input samples.
+``(B, 59049) -> stem (B, 128, 19683) -> block 1 (B, 128, 6561) -> block 2 (B, 128, 2187)
+-> block 3 (B, 256, 729) -> ... -> block 8 (B, 256, 3) -> block 9 (B, 512, 1) -> (B, num_tags)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from .blocks import KERAS_BN_EPS, KERAS_BN_MOMENTUM, BasicBlock, ResidualBlock, batch_norm
+
+__all__ = [
+    "VARIANTS",
+    "BLOCK_TYPES",
+    "INITS",
+    "ModelConfig",
+    "SampleCNN",
+    "build_model",
+    "model_config",
+    "count_parameters",
+    "variant_table",
+]
+
+BLOCK_TYPES = ("basic", "se", "res1", "res2", "rese1", "rese2")
+INITS = ("keras", "he")
+
+# block type -> (residual convs n or 0 for the plain conv block, uses SE)
+_BLOCK_SPECS: dict[str, tuple[int, bool]] = {
+    "basic": (0, False),
+    "se": (0, True),
+    "res1": (1, False),
+    "res2": (2, False),
+    "rese1": (1, True),
+    "rese2": (2, True),
+}
+
+#: The twelve variants of the paper: every block type with and without multi-level
+#: feature aggregation. Values are the :class:`ModelConfig` fields that define the variant.
+VARIANTS: dict[str, dict[str, Any]] = {
+    f"{block}{'-multi' if multi else ''}": {"block": block, "multi": multi}
+    for block in BLOCK_TYPES
+    for multi in (False, True)
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model; stored in every checkpoint.
+
+    Defaults are the paper's (SPEC §2); only ``block`` and ``multi`` differ between the
+    twelve variants.
+    """
+
+    block: str = "basic"  # one of BLOCK_TYPES (SPEC §2.2)
+    multi: bool = False  # head on the max-pooled last three blocks (SPEC §2.1)
+    num_tags: int = 50  # outputs; 50 for MTAT/MSD top-50 (SPEC §1)
+    width: float = 1.0  # multiplier on every channel count; 1.0 = paper
+    alpha: float = 16.0  # SE expansion ratio, hidden = alpha * C (SPEC §2.2, R:train.py:18)
+    dropout: float = 0.5  # head dropout before the last Dense (SPEC §2.1, R:train.py:25)
+    block_dropout: float = 0.2  # dropout between the two convs of Res-2/ReSE-2 (SPEC §2.2)
+    init: str = "keras"  # "keras" = Keras 2.0.5 incl. its Conv1D fan bug; "he" (SPEC §2.3)
+    bn_eps: float = KERAS_BN_EPS  # Keras BatchNormalization epsilon (SPEC §7.2)
+    bn_momentum: float = KERAS_BN_MOMENTUM  # = 1 - Keras momentum 0.99 (SPEC §7.2)
+    num_blocks: int = 9  # input length is 3 ** (num_blocks + 1): 59049 samples for 9
+
+    def __post_init__(self) -> None:
+        if self.block not in BLOCK_TYPES:
+            raise ValueError(f"unknown block type {self.block!r}; valid: {', '.join(BLOCK_TYPES)}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; valid: {', '.join(INITS)}")
+        if self.num_blocks < 3:
+            raise ValueError(f"num_blocks must be >= 3, got {self.num_blocks}")
+        if self.width <= 0 or self.alpha <= 0 or self.num_tags < 1:
+            raise ValueError("width and alpha must be > 0 and num_tags >= 1")
+        if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.block_dropout < 1.0):
+            raise ValueError("dropout rates must lie in [0, 1)")
+
+    @property
+    def segment_length(self) -> int:
+        """Input samples per segment, 3 ** (num_blocks + 1) (59049 for the paper)."""
+        return 3 ** (self.num_blocks + 1)
+
+    @property
+    def has_se(self) -> bool:
+        return _BLOCK_SPECS[self.block][1]
+
+    @property
+    def variant(self) -> str:
+        """The registry name of this configuration's block type and head."""
+        return f"{self.block}{'-multi' if self.multi else ''}"
+
+    def block_channels(self) -> list[int]:
+        """Output width of each block: 128, 128, 256 x (n-3), 512 at width 1.0.
+
+        The official code doubles before block index 2 and before the last block
+        (``R:model.py:91-96``).
+        """
+        widths = []
+        for i in range(self.num_blocks):
+            base = 128 * (2 if i >= 2 else 1) * (2 if i == self.num_blocks - 1 else 1)
+            widths.append(self.scale(base))
+        return widths
+
+    def scale(self, channels: int) -> int:
+        return max(1, round(channels * self.width))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+def model_config(name: str, **overrides: Any) -> ModelConfig:
+    """The :class:`ModelConfig` of a registered variant, with optional field overrides.
+
+    Raises:
+        ValueError: for an unknown variant name (the message lists the valid names) or an
+            unknown override.
+    """
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; valid variants: {', '.join(VARIANTS)}")
+    known = {f.name for f in fields(ModelConfig)} - set(VARIANTS[name])
+    bad = set(overrides) - known
+    if bad:
+        raise ValueError(
+            f"unknown option(s) {', '.join(sorted(bad))} for build_model; "
+            f"valid: {', '.join(sorted(known))}"
+        )
+    return ModelConfig(**VARIANTS[name], **overrides)
+
+
+def build_model(name: str, *, num_tags: int = 50, **options: Any) -> SampleCNN:
+    """Build one of the twelve registered variants, e.g. ``build_model("rese2-multi")``.
+
+    Args:
+        name: a key of :data:`VARIANTS`.
+        num_tags: number of output tags.
+        **options: any other :class:`ModelConfig` field (``width``, ``alpha``, ``init``, ...).
+    """
+    return SampleCNN(model_config(name, num_tags=num_tags, **options))
+
+
+class SampleCNN(nn.Module):
+    """Sample-level CNN for music auto-tagging with any of the paper's blocks.
+
+    Args:
+        config: the model's :class:`ModelConfig`.
+
+    Shapes:
+        input ``(B, L)`` or ``(B, 1, L)`` float waveform with ``L = config.segment_length``
+        (59049 samples at 22,050 Hz, 2.68 s); output logits ``(B, num_tags)``.
+        Probabilities are ``torch.sigmoid(logits)``.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        widths = config.block_channels()
+        stem_width = config.scale(128)
+        self.stem = nn.Sequential(
+            nn.Conv1d(1, stem_width, kernel_size=3, stride=3, padding=0, bias=True),
+            batch_norm(stem_width, eps=config.bn_eps, momentum=config.bn_momentum),
+            nn.ReLU(),
+        )
+        num_convs, uses_se = _BLOCK_SPECS[config.block]
+        se_alpha = config.alpha if uses_se else None
+        blocks: list[nn.Module] = []
+        c_in = stem_width
+        for c_out in widths:
+            norm = {"bn_eps": config.bn_eps, "bn_momentum": config.bn_momentum}
+            if num_convs == 0:
+                blocks.append(BasicBlock(c_in, c_out, se_alpha=se_alpha, **norm))
+            else:
+                blocks.append(
+                    ResidualBlock(
+                        c_in,
+                        c_out,
+                        num_convs=num_convs,
+                        se_alpha=se_alpha,
+                        dropout=config.block_dropout,
+                        **norm,
+                    )
+                )
+            c_in = c_out
+        self.blocks = nn.ModuleList(blocks)
+        features = sum(widths[-3:]) if config.multi else widths[-1]
+        self.head = nn.Sequential(
+            nn.Linear(features, features),
+            batch_norm(features, eps=config.bn_eps, momentum=config.bn_momentum),
+            nn.ReLU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(features, config.num_tags),
+        )
+        reset_parameters(self, init=config.init)
+
+    def forward(
+        self, waveform: torch.Tensor, *, return_excitations: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Tag logits for a batch of segments.
+
+        Args:
+            waveform: ``(B, L)`` or ``(B, 1, L)`` samples in [-1, 1].
+            return_excitations: also return the SE gates, one ``(B, C_i)`` tensor per SE
+                block in block order (an empty list for variants without SE).
+
+        Returns:
+            logits ``(B, num_tags)``, or ``(logits, excitations)``.
+        """
+        h = self.stem(self._as_batch(waveform))  # B, 128, L/3
+        pooled: list[torch.Tensor] = []
+        excitations: list[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            h, gate = block(h)  # B, C_i, L / 3^(i+2)
+            if gate is not None and return_excitations:
+                excitations.append(gate)
+            if i >= len(self.blocks) - (3 if self.config.multi else 1):
+                pooled.append(h.amax(dim=-1))  # B, C_i
+        logits = self.head(torch.cat(pooled, dim=1))  # B, num_tags
+        return (logits, excitations) if return_excitations else logits
+
+    def block_outputs(self, waveform: torch.Tensor) -> list[torch.Tensor]:
+        """The stem's and every block's output, ``[(B, C, L/3), (B, C_1, L/9), ...]``."""
+        outputs = [self.stem(self._as_batch(waveform))]
+        for block in self.blocks:
+            outputs.append(block(outputs[-1])[0])
+        return outputs
+
+    def _as_batch(self, waveform: torch.Tensor) -> torch.Tensor:
+        length = self.config.segment_length
+        if waveform.dim() == 2:
+            waveform = waveform.unsqueeze(1)
+        if waveform.dim() != 3 or waveform.shape[1] != 1 or waveform.shape[-1] != length:
+            raise ValueError(
+                f"expected a waveform of shape (batch, {length}) or (batch, 1, {length}), "
+                f"found {tuple(waveform.shape)}"
+            )
+        return waveform  # B, 1, L
+
+
+def _keras_uniform_bound(weight: torch.Tensor, *, kind: str) -> float:
+    """The Keras 2.0.5 ``he_uniform`` / ``glorot_uniform`` bound, fan bug included.
+
+    Keras 2.0.5 computed a 3-D kernel ``(k, C_in, C_out)``'s receptive field as
+    ``k * C_in``, giving fan_in = k * C_in**2 and fan_out = k * C_in * C_out (SPEC §2.3).
+    """
+    if weight.dim() == 3:  # PyTorch Conv1d weight: (C_out, C_in, k)
+        c_out, c_in, k = weight.shape
+        fan_in, fan_out = k * c_in * c_in, k * c_in * c_out
+    else:  # Linear weight: (out, in)
+        fan_out, fan_in = weight.shape
+    if kind == "he":
+        return math.sqrt(6.0 / fan_in)
+    return math.sqrt(6.0 / (fan_in + fan_out))
+
+
+@torch.no_grad()
+def reset_parameters(model: SampleCNN, *, init: str = "keras") -> None:
+    """Initialise every layer as the paper's code did (``"keras"``) or by the textbook (``"he"``).
+
+    Both: biases 0, BN gamma 1 / beta 0, Dense layers Glorot-uniform. ``"keras"``: 3-tap
+    convs U(+-sqrt(6 / (3 C_in^2))) and 1x1 shortcuts U(+-sqrt(6 / (C_in (C_in + C_out)))),
+    the Keras 2.0.5 fan bug; ``"he"``: 3-tap convs U(+-sqrt(6 / (3 C_in))) and shortcuts
+    Glorot-uniform with the correct fans.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+    for module in model.modules():
+        if isinstance(module, nn.Conv1d):
+            kind = "glorot" if module.kernel_size[0] == 1 else "he"
+            if init == "keras":
+                bound = _keras_uniform_bound(module.weight, kind=kind)
+                nn.init.uniform_(module.weight, -bound, bound)
+            elif kind == "he":
+                nn.init.kaiming_uniform_(module.weight, nonlinearity="relu")
+            else:
+                nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm1d):
+            module.reset_parameters()
+
+
+def count_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:
+    """Number of parameters; with ``trainable_only=False`` BN running statistics are added,
+    which is Keras' "total params" (SPEC §2.4)."""
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    if not trainable_only:
+        count += sum(
+            b.numel()
+            for name, b in model.named_buffers()
+            if not name.endswith("num_batches_tracked")
+        )
+    return count
+
+
+def variant_table(**options: Any) -> list[dict[str, Any]]:
+    """One row per registered variant: name, block, multi, trainable and total parameters.
+
+    Builds each model on the ``meta`` device, so it is fast and allocates no weights.
+    """
+    rows = []
+    for name in VARIANTS:
+        with torch.device("meta"):
+            model = SampleCNN(model_config(name, **options))
+        rows.append(
+            {
+                "variant": name,
+                "block": model.config.block,
+                "multi": model.config.multi,
+                "trainable": count_parameters(model),
+                "total": count_parameters(model, trainable_only=False),
+            }
+        )
+    return rows
