@@ -13,8 +13,6 @@ A checkpoint is a dict of plain Python values and tensors::
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -100,7 +98,7 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as err:
+    except Exception as err:  # torch's unpickler fails on junk with many exception types
         raise CheckpointError(
             f"checkpoint {path} is corrupted or truncated and cannot be read ({err})"
         ) from err
