@@ -1,0 +1,355 @@
+"""Figures of the book: every function returns a matplotlib ``Figure`` and can save a PNG.
+
+Public:
+
+* common: :func:`save_figure`;
+* excitation analysis (SPEC §5): :func:`plot_excitations_at_levels`,
+  :func:`plot_first_block_excitations`, :func:`plot_std_across_tags`,
+  :func:`plot_loudness_scatter`, :func:`excitation_figures`.
+
+Figures are built on ``matplotlib.figure.Figure`` rather than ``pyplot`` so that no global
+figure registry grows in long sessions; Jupyter's inline backend still displays a returned
+``Figure``. The numbers come from the pure analyses in :mod:`resemul_core.excitations`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from .excitations import (
+    DEFAULT_FLOOR_DB,
+    PAPER_STD_ACROSS_TAGS,
+    ExcitationSet,
+    loudness_regression,
+    notable_channels,
+    slope_counts,
+    std_per_level,
+)
+from .files import atomic_write
+
+__all__ = [
+    "save_figure",
+    "DEFAULT_CONTRAST_TAGS",
+    "plot_excitations_at_levels",
+    "plot_first_block_excitations",
+    "plot_std_across_tags",
+    "plot_loudness_scatter",
+    "excitation_figures",
+]
+
+_STYLE = "whitegrid"
+
+
+# --- common -------------------------------------------------------------------------------
+
+
+def save_figure(figure: Figure, path: str | os.PathLike, *, dpi: int = 150) -> Path:
+    """Atomically write ``figure`` as a PNG file; returns the path."""
+    path = Path(path)
+    with atomic_write(path) as handle:
+        figure.savefig(handle, format="png", dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def _figure(ncols: int, *, width: float, height: float) -> tuple[Figure, list[Axes]]:
+    # The seaborn style applies at axes creation, so it is scoped here instead of set globally.
+    with sns.axes_style(_STYLE):
+        figure = Figure(figsize=(width, height), layout="constrained")
+        axes = figure.subplots(1, ncols, squeeze=False)[0]
+    return figure, list(axes)
+
+
+def _finish(figure: Figure, path: str | os.PathLike | None) -> Figure:
+    if path is not None:
+        save_figure(figure, path)
+    return figure
+
+
+# --- excitation analysis (issue 5, SPEC §5) -----------------------------------------------
+
+#: Contrasting MTAT tags of the paper's "excitations at each level" figure (SPEC §5.1).
+DEFAULT_CONTRAST_TAGS = ("classical", "metal", "dance")
+
+
+def _pick_tags(
+    tags: Sequence[str], tag_mean_vectors: Sequence[np.ndarray], wanted: Sequence[str] | None
+) -> list[str]:
+    """The tags to draw: ``wanted`` (all must exist), else the paper's three where present,
+    else the first three tags that some clip carries."""
+    usable = [
+        t
+        for i, t in enumerate(tags)
+        if all(not np.isnan(np.asarray(m)[i]).any() for m in tag_mean_vectors)
+    ]
+    if wanted is not None:
+        missing = [t for t in wanted if t not in tags]
+        if missing:
+            raise ValueError(f"unknown tag(s) {missing}; tags: {', '.join(tags)}")
+        return list(wanted)
+    chosen = [t for t in DEFAULT_CONTRAST_TAGS if t in usable] or usable[:3]
+    if not chosen:
+        raise ValueError("no tag is carried by any clip; nothing to plot")
+    return chosen
+
+
+def _sorted_channels(values: np.ndarray) -> np.ndarray:
+    """Channel order by mean over the rows (tags), highest mean first."""
+    return np.argsort(-np.nanmean(values, axis=0), kind="stable")
+
+
+def plot_excitations_at_levels(
+    tag_means: Mapping[int, np.ndarray],
+    tags: Sequence[str],
+    *,
+    show_tags: Sequence[str] | None = None,
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """Tag-mean excitations of a few tags at several block levels, one panel per level.
+
+    Args:
+        tag_means: level -> ``(T, C)`` tag-mean excitations (``ExcitationSet.tag_means``);
+            the paper shows the first, middle and last block (1, 5, 9).
+        tags: the T tag names.
+        show_tags: tags to draw; default: classical, metal and dance where present, else the
+            first three tags.
+        path: also save the figure there as PNG.
+
+    Returns:
+        the figure, one axis per level; in each, channels are sorted by their mean
+        excitation over the drawn tags (SPEC §5.1 figure (a)).
+    """
+    levels = list(tag_means)
+    chosen = _pick_tags(tags, [tag_means[k] for k in levels], show_tags)
+    rows = [list(tags).index(t) for t in chosen]
+    palette = sns.color_palette("colorblind", len(chosen))
+    figure, axes = _figure(len(levels), width=4.2 * len(levels), height=3.4)
+    for ax, level in zip(axes, levels, strict=True):
+        values = np.asarray(tag_means[level])[rows]  # tags, C
+        order = _sorted_channels(values)
+        for tag, curve, color in zip(chosen, values[:, order], palette, strict=True):
+            ax.plot(np.arange(len(order)), curve, label=tag, color=color, linewidth=1.2)
+        ax.set(
+            title=f"block {level} ({values.shape[1]} channels)",
+            xlabel="channel (sorted by mean excitation)",
+            ylim=(0, 1),
+        )
+    axes[0].set_ylabel("mean excitation")
+    axes[-1].legend(title="tag", loc="best", fontsize="small")
+    return _finish(figure, path)
+
+
+def plot_first_block_excitations(
+    tag_means: np.ndarray,
+    tags: Sequence[str],
+    *,
+    split_at: int | None = None,
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """Tag-mean excitations of every tag at one block (the paper: the first), sorted channels.
+
+    Args:
+        tag_means: ``(T, C)`` tag-mean excitations; NaN rows (tags without clips) are skipped.
+        tags: the T tag names.
+        split_at: draw a vertical line before this sorted channel index and label the two
+            groups' sizes, as the paper does at 109 (SPEC §5.1 figure (b)).
+        path: also save the figure there as PNG.
+
+    Returns:
+        a one-axis figure with a dashed line at excitation 0.5; channels are sorted by their
+        mean over all tags, highest first.
+    """
+    values = np.asarray(tag_means, dtype=np.float64)
+    keep = ~np.isnan(values).any(axis=1)
+    values, names = values[keep], [t for t, k in zip(tags, keep, strict=True) if k]
+    order = _sorted_channels(values)
+    channels = values.shape[1]
+    figure, (ax,) = _figure(1, width=9.0, height=4.5)
+    palette = sns.color_palette("husl", len(names))
+    for name, curve, color in zip(names, values[:, order], palette, strict=True):
+        ax.plot(np.arange(channels), curve, label=name, color=color, linewidth=0.9, alpha=0.85)
+    ax.axhline(0.5, color="red", linestyle="--", linewidth=1)
+    if split_at is not None:
+        if not 0 <= split_at <= channels:
+            raise ValueError(f"split_at must lie in [0, {channels}], got {split_at}")
+        ax.axvline(split_at - 0.5, color="red", linestyle="--", linewidth=1)
+        ax.text(
+            split_at - 0.5,
+            0.97,
+            f"{split_at} channels | {channels - split_at} channels",
+            ha="center",
+            va="top",
+            transform=ax.get_xaxis_transform(),
+            fontsize="small",
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+        )
+    ax.set(
+        xlabel="channel (sorted by mean excitation over tags)",
+        ylabel="mean excitation",
+        ylim=(0, 1),
+        xlim=(-0.5, channels - 0.5),
+    )
+    ax.legend(
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize="xx-small",
+        ncols=2 if len(names) > 25 else 1,
+        title="tag",
+    )
+    return _finish(figure, path)
+
+
+def plot_std_across_tags(
+    table: pd.DataFrame,
+    *,
+    paper: bool = True,
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """The "standard deviations across tags" per block level, with the paper's values.
+
+    Args:
+        table: :func:`~resemul_core.excitations.std_per_level` output (``level``, ``std``).
+        paper: overlay :data:`~resemul_core.excitations.PAPER_STD_ACROSS_TAGS` (read off the
+            paper's plot of the 9-block SE-multi model on MTAT).
+        path: also save the figure there as PNG.
+
+    Returns:
+        a one-axis figure (SPEC §5.1 figure (c)).
+    """
+    figure, (ax,) = _figure(1, width=5.5, height=3.6)
+    ax.plot(table["level"], table["std"], marker="o", label="this run")
+    if paper:
+        ax.plot(
+            list(PAPER_STD_ACROSS_TAGS),
+            list(PAPER_STD_ACROSS_TAGS.values()),
+            marker="s",
+            linestyle="--",
+            color="grey",
+            label="paper (read off its plot)",
+        )
+    levels = sorted(set(table["level"]) | (set(PAPER_STD_ACROSS_TAGS) if paper else set()))
+    ax.set(
+        xticks=levels,
+        xlabel="block level",
+        ylabel="std of tag-mean excitation\n(mean over channels)",
+    )
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize="small")
+    return _finish(figure, path)
+
+
+def plot_loudness_scatter(
+    excitations: np.ndarray,
+    loudness: np.ndarray,
+    *,
+    measure: str = "rms",
+    max_points: int = 5000,
+    seed: int = 0,
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """Excitation vs loudness per segment, with least-squares lines (SPEC §5.2).
+
+    Args:
+        excitations: ``(N, C)`` per-segment excitations of one block (the paper: the first).
+        loudness: ``(N,)`` per-segment loudness.
+        measure: ``"rms"`` or ``"db"``, for the axis label.
+        max_points: at most this many randomly chosen segments are drawn per panel; the
+            regression lines always use every segment.
+        seed: seed of that subsample.
+        path: also save the figure there as PNG.
+
+    Returns:
+        a five-axis figure: the channel average, then the most positive, most negative and
+        most neutral slope channels and the channel with the least regression error.
+    """
+    y = np.asarray(excitations, dtype=np.float64)
+    x = np.asarray(loudness, dtype=np.float64)
+    regression = loudness_regression(y, x)
+    average = loudness_regression(y.mean(axis=1, keepdims=True), x).iloc[0]
+    counts = slope_counts(regression["slope"])
+    panels: list[tuple[str, np.ndarray, pd.Series]] = [
+        (
+            f"average of {y.shape[1]} channels\n"
+            f"({counts['positive']} rising, {counts['negative']} falling)",
+            y.mean(axis=1),
+            average,
+        )
+    ]
+    for name, channel in notable_channels(regression).items():
+        panels.append(
+            (f"{name.replace('_', ' ')}: channel {channel}", y[:, channel], regression.loc[channel])
+        )
+    rng = np.random.default_rng(seed)
+    shown = rng.choice(len(x), size=min(max_points, len(x)), replace=False)
+    line_x = np.array([x.min(), x.max()])
+    figure, axes = _figure(len(panels), width=3.2 * len(panels), height=3.3)
+    for ax, (title, values, fit) in zip(axes, panels, strict=True):
+        ax.scatter(x[shown], values[shown], s=4, alpha=0.3, linewidths=0)
+        ax.plot(line_x, fit["intercept"] + fit["slope"] * line_x, color="black", linewidth=1.5)
+        ax.set(
+            title=f"{title}\nslope {fit['slope']:+.3g}, r² {fit['r2']:.2f}",
+            xlabel="loudness (RMS amplitude)" if measure == "rms" else "loudness (dBFS)",
+            ylim=(0, 1),
+        )
+        ax.title.set_fontsize("small")
+    axes[0].set_ylabel("excitation")
+    return _finish(figure, path)
+
+
+def excitation_figures(
+    excitations: ExcitationSet,
+    *,
+    loudness: str = "rms",
+    floor_db: float = DEFAULT_FLOOR_DB,
+    show_tags: Sequence[str] | None = None,
+    out_dir: str | os.PathLike | None = None,
+) -> dict[str, Figure]:
+    """All four excitation figures of the paper from one :class:`ExcitationSet`.
+
+    Args:
+        excitations: the extracted gates; its first level needs per-segment gates.
+        loudness: ``"rms"`` or ``"db"``.
+        floor_db: floor of the dB measure.
+        show_tags: tags of the per-level figure (see :func:`plot_excitations_at_levels`).
+        out_dir: also save each figure there as ``<name>.png``.
+
+    Returns:
+        ``{"excitations_at_levels", "first_block_excitations", "std_across_tags",
+        "loudness_scatter"}`` -> Figure.
+
+    Note:
+        The per-level figure shows the first, middle and last SE levels (1, 5, 9 for the
+        paper's model). The first-block figure marks the split at the number of channels
+        whose excitation rises with loudness, after the paper's 109 | 19 annotation; the
+        channels are sorted by mean excitation, so the mark is a count, not a boundary
+        between the two slope groups.
+    """
+    levels = excitations.levels
+    shown_levels = list(dict.fromkeys([levels[0], levels[len(levels) // 2], levels[-1]]))
+    first = excitations.segment_level(levels[0])
+    loud = excitations.loudness(loudness, floor_db=floor_db)
+    rising = slope_counts(loudness_regression(first, loud)["slope"])["positive"]
+    tags = list(excitations.tags)
+    figures = {
+        "excitations_at_levels": plot_excitations_at_levels(
+            {k: excitations.tag_means(k) for k in shown_levels}, tags, show_tags=show_tags
+        ),
+        "first_block_excitations": plot_first_block_excitations(
+            excitations.tag_means(levels[0]), tags, split_at=rising
+        ),
+        "std_across_tags": plot_std_across_tags(
+            std_per_level(excitations.clip, excitations.labels, levels=levels)
+        ),
+        "loudness_scatter": plot_loudness_scatter(first, loud, measure=loudness),
+    }
+    if out_dir is not None:
+        for name, figure in figures.items():
+            save_figure(figure, Path(out_dir) / f"{name}.png")
+    return figures

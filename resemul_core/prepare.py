@@ -1,0 +1,428 @@
+"""Decode a dataset into a segment store: parallel, interruptible at any moment, resumable.
+
+Public: :func:`prepare_store`, :func:`store_summary`.
+
+How a run survives SIGKILL and resumes to a byte-identical store:
+
+1. ``STORE/.prepare/plan.json`` fixes the work: parameters, clips, labels, dropped clips. It
+   is written atomically after ``STORE/segments.npy``, preallocated (sparse) with one
+   ``(segments_per_clip, segment_length)`` slot per planned clip. A rerun with a different
+   plan is refused rather than mixed in.
+2. Workers decode clip ``i`` and write its slot with ``pwrite`` + ``fdatasync``; only then does
+   the parent append clip ``i``'s line to ``STORE/.prepare/journal.jsonl`` (ok + segment
+   count + digest, or skip + reason). A torn last line is ignored and cut off on resume;
+   clips without a journal line are redone, overwriting whatever their slot held.
+3. Skipped clips leave holes; the last kept clips are copied into them (sources lie beyond
+   the final length and are never overwritten, so the copy can be redone after a crash; a
+   marker file records that it is complete), the ``.npy`` header is rewritten with the final
+   shape and the file truncated. Then ``clips.csv``, ``labels.npy`` and, last,
+   ``manifest.json`` (see :mod:`resemul_core.store`).
+
+Everything written depends only on the plan and the audio, never on timing or worker count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from .audio import (
+    CLIP_DURATION,
+    SAMPLE_RATE,
+    SEGMENT_LENGTH,
+    SEGMENTS_PER_CLIP,
+    AudioDecodeError,
+    load_audio,
+    segment_waveform,
+)
+from .files import write_json, write_text
+from .sources import Source
+from .store import SPLITS, SegmentStore, clip_digest, finish_store, open_store, quantize
+
+__all__ = ["prepare_store", "store_summary"]
+
+logger = logging.getLogger(__name__)
+
+WORK_DIR = ".prepare"
+_STORE_FILES = ("manifest.json", "clips.csv", "labels.npy", "segments.npy")
+
+
+def _plan(source: Source, params: dict[str, Any]) -> dict[str, Any]:
+    """Everything the store's content depends on, as plain JSON values."""
+    plan = {
+        "dataset": source.dataset,
+        "root": str(Path(source.root).resolve()),
+        "options": source.options,
+        "params": params,
+        "tags": list(source.tags),
+        "clips": source.clips.loc[:, ["clip_id", "path", "split"]].values.tolist(),
+        "labels": ["".join(map(str, row)) for row in source.labels.astype(int).tolist()],
+        "dropped": source.dropped,
+    }
+    return json.loads(json.dumps(plan))
+
+
+def _plan_digest(plan: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+
+# --- worker side: decode one clip and write its slot -------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(segments_path: str, offset: int, params: dict[str, Any]) -> None:
+    _WORKER.update(fd=os.open(segments_path, os.O_WRONLY), offset=offset, params=params)
+
+
+def _process_clip(index: int, path: str) -> dict[str, Any]:
+    """Decode clip ``index`` into its slot; the journal entry describing the outcome."""
+    p = _WORKER["params"]
+    rate, length, per_clip = p["sample_rate"], p["segment_length"], p["segments_per_clip"]
+    try:
+        if os.path.getsize(path) == 0:
+            return {"i": index, "status": "skip", "reason": "empty", "detail": "0-byte file"}
+    except FileNotFoundError:
+        return {"i": index, "status": "skip", "reason": "missing file", "detail": path}
+    needed = p["min_duration"] or 0.0
+    try:
+        waveform = load_audio(path, sample_rate=rate, duration=max(p["clip_duration"], needed))
+    except AudioDecodeError as err:
+        return {"i": index, "status": "skip", "reason": "undecodable", "detail": str(err)}
+    seconds = len(waveform) / rate
+    if len(waveform) < math.floor(needed * rate):
+        detail = f"{seconds:.3f} s of audio, {needed} s required"
+        return {"i": index, "status": "skip", "reason": "too short", "detail": detail}
+    waveform = waveform[: round(p["clip_duration"] * rate)]
+    segments = segment_waveform(waveform, segment_length=length, max_segments=per_clip)
+    if len(segments) == 0:
+        detail = f"{seconds:.3f} s of audio, shorter than one {length}-sample segment"
+        return {"i": index, "status": "skip", "reason": "too short", "detail": detail}
+    slot = np.zeros((per_clip, length), dtype="<i2")
+    slot[: len(segments)] = quantize(segments)
+    os.pwrite(_WORKER["fd"], slot.tobytes(), _WORKER["offset"] + index * slot.nbytes)
+    os.fdatasync(_WORKER["fd"])
+    digest = clip_digest(slot[: len(segments)])
+    return {"i": index, "status": "ok", "n": len(segments), "digest": digest}
+
+
+def _process_task(task: tuple[int, str]) -> dict[str, Any]:
+    try:
+        return _process_clip(*task)
+    except Exception as err:  # an unexpected failure must stop the run and name the clip
+        raise RuntimeError(f"{task[1]}: {type(err).__name__}: {err}") from err
+
+
+# --- parent side --------------------------------------------------------------------------
+
+
+def _read_journal(path: Path, num_clips: int) -> dict[int, dict[str, Any]]:
+    """Complete journal entries by clip index; a torn last line is cut off the file."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    complete, _, torn = data.rpartition(b"\n")
+    if torn:
+        logger.info("%s: ignoring a torn last line (%d bytes)", path, len(torn))
+        with open(path, "r+b") as handle:
+            handle.truncate(len(data) - len(torn))
+    entries: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(complete.split(b"\n") if complete else [], start=1):
+        try:
+            entry = json.loads(line)
+            index = int(entry["i"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"{path}: line {number} is corrupt ({err}); delete {path.parent.parent} and"
+                " prepare again"
+            ) from err
+        if not 0 <= index < num_clips:
+            raise ValueError(f"{path}: line {number}: clip index {index} out of range")
+        entries[index] = entry
+    return entries
+
+
+def _npy_header(shape: tuple[int, ...], offset: int) -> bytes:
+    """A version-1.0 ``.npy`` header for little-endian int16 ``shape``, exactly ``offset`` bytes."""
+    text = f"{{'descr': '<i2', 'fortran_order': False, 'shape': {tuple(shape)!r}, }}"
+    padding = offset - 10 - len(text) - 1
+    if padding < 0:
+        raise ValueError(f"npy header for shape {shape} does not fit in {offset} bytes")
+    return (
+        b"\x93NUMPY\x01\x00"
+        + struct.pack("<H", offset - 10)
+        + (text + " " * padding + "\n").encode()
+    )
+
+
+def _allocate(path: Path, shape: tuple[int, int, int]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype="<i2", shape=shape)
+    del array  # the file is sparse: unwritten slots read as zeros
+    os.replace(tmp, path)
+
+
+def _run(
+    tasks: list[tuple[int, str]],
+    *,
+    journal: Path,
+    segments_path: Path,
+    offset: int,
+    params: dict[str, Any],
+    workers: int,
+    progress: bool,
+) -> None:
+    bar = tqdm(total=len(tasks), unit="clip", desc="prepare", disable=not progress, smoothing=0.05)
+    with open(journal, "ab") as log, bar:
+
+        def record(entry: dict[str, Any]) -> None:
+            log.write(json.dumps(entry).encode() + b"\n")
+            log.flush()
+            bar.update(1)
+
+        if workers <= 1:
+            _init_worker(str(segments_path), offset, params)
+            try:
+                for task in tasks:
+                    record(_process_task(task))
+            finally:
+                os.close(_WORKER.pop("fd"))
+            return
+        pool = ProcessPoolExecutor(
+            max_workers=workers,
+            initializer=_init_worker,
+            initargs=(str(segments_path), offset, params),
+        )
+        try:
+            futures = [pool.submit(_process_task, task) for task in tasks]
+            for future in as_completed(futures):
+                record(future.result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _compact(
+    out: Path,
+    work: Path,
+    entries: dict[int, dict[str, Any]],
+    shape: tuple[int, int, int],
+    offset: int,
+) -> list[int]:
+    """Fill the holes of skipped clips with the last kept clips; return the final clip order."""
+    kept = sorted(i for i, e in entries.items() if e["status"] == "ok")
+    n_kept = len(kept)
+    holes = sorted(i for i, e in entries.items() if e["status"] != "ok" and i < n_kept)
+    tail = [i for i in kept if i >= n_kept]
+    order = list(range(n_kept))
+    for hole, source in zip(holes, tail, strict=True):
+        order[hole] = source
+    slot_bytes = shape[1] * shape[2] * 2
+    marker = work / "compacted"
+    path = out / "segments.npy"
+    if not marker.exists():
+        fd = os.open(path, os.O_RDWR)
+        try:
+            for hole, source in zip(holes, tail, strict=True):
+                data = os.pread(fd, slot_bytes, offset + source * slot_bytes)
+                os.pwrite(fd, data, offset + hole * slot_bytes)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        write_text(marker, f"{n_kept}\n")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, _npy_header((n_kept, shape[1], shape[2]), offset), 0)
+        os.ftruncate(fd, offset + n_kept * slot_bytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return order
+
+
+def prepare_store(
+    source: Source,
+    out: str | os.PathLike,
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    segment_length: int = SEGMENT_LENGTH,
+    segments_per_clip: int = SEGMENTS_PER_CLIP,
+    clip_duration: float = CLIP_DURATION,
+    workers: int | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> SegmentStore:
+    """Decode every clip of ``source`` into a segment store at ``out``; resume if unfinished.
+
+    Args:
+        source: clips from an adapter (:mod:`resemul_core.sources`).
+        out: store directory.
+        sample_rate: Hz (22,050 in the paper).
+        segment_length: samples per segment (59,049).
+        segments_per_clip: slots per clip (10); a clip fills ``min(floor(audio / L), S)``.
+        clip_duration: seconds decoded from the start of each clip (29).
+        workers: processes decoding in parallel (default: all CPU cores; 1: in-process).
+        progress: show a tqdm bar (clips/s).
+        overwrite: replace a complete store or an unfinished one with a different plan.
+
+    Returns:
+        The opened store. Clips that cannot be used are skipped and recorded in the manifest
+        with their reason: 'missing file', 'empty', 'undecodable', 'too short' (less than
+        ``source.min_duration`` seconds of audio, or less than one segment).
+
+    Raises:
+        ValueError: ``out`` holds a different complete or unfinished store (and not
+            ``overwrite``), or no clip could be decoded.
+    """
+    sizes = {
+        "sample_rate": sample_rate,
+        "segment_length": segment_length,
+        "segments_per_clip": segments_per_clip,
+        "clip_duration": clip_duration,
+    }
+    for name, value in sizes.items():
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if len(source.clips) == 0:
+        raise ValueError(f"{source.dataset}: no clips to prepare ({len(source.dropped)} dropped)")
+    out = Path(out)
+    work = out / WORK_DIR
+    params = {**sizes, "min_duration": source.min_duration}
+    plan = _plan(source, params)
+    digest = _plan_digest(plan)
+    if overwrite:
+        for name in _STORE_FILES:  # manifest first: the store is invalid from here on
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+    if (out / "manifest.json").exists():
+        store = open_store(out)
+        if store.manifest.get("source", {}).get("plan_sha256") == digest:
+            logger.info("%s is already complete", out)
+            shutil.rmtree(work, ignore_errors=True)
+            return store
+        raise ValueError(
+            f"{out} already holds a store prepared from other data or parameters;"
+            " use overwrite=True (--overwrite) to replace it"
+        )
+
+    num = len(plan["clips"])
+    shape = (num, segments_per_clip, segment_length)
+    plan_file, journal = work / "plan.json", work / "journal.jsonl"
+    if plan_file.exists():
+        if json.loads(plan_file.read_text()) != plan:
+            raise ValueError(
+                f"{out} holds an unfinished prepare of other data or parameters;"
+                " use overwrite=True (--overwrite) to discard it"
+            )
+        entries = _read_journal(journal, num)
+        logger.info("resuming %s: %d of %d clips already done", out, len(entries), num)
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        journal.unlink(missing_ok=True)
+        (work / "compacted").unlink(missing_ok=True)
+        _allocate(out / "segments.npy", shape)
+        write_json(plan_file, plan)
+        entries = {}
+    offset = int(np.load(out / "segments.npy", mmap_mode="r").offset)
+
+    root = Path(plan["root"])
+    tasks = [(i, str(root / row[1])) for i, row in enumerate(plan["clips"]) if i not in entries]
+    if tasks and (work / "compacted").exists():
+        raise ValueError(f"{work}: compaction marker present but clips unfinished; delete {out}")
+    n_workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
+    if tasks:
+        logger.info("decoding %d clips with %d worker(s)", len(tasks), n_workers)
+        _run(
+            tasks,
+            journal=journal,
+            segments_path=out / "segments.npy",
+            offset=offset,
+            params=params,
+            workers=n_workers,
+            progress=progress,
+        )
+        entries = _read_journal(journal, num)
+    missing = [i for i in range(num) if i not in entries]
+    if missing:  # cannot happen unless the journal was edited by hand
+        raise ValueError(f"{journal}: {len(missing)} clips have no entry after decoding")
+    if not any(e["status"] == "ok" for e in entries.values()):
+        reasons = sorted({e["reason"] for e in entries.values()})
+        raise ValueError(f"no clip of {source.dataset} could be decoded (reasons: {reasons})")
+
+    order = _compact(out, work, entries, shape, offset)
+    rows = [plan["clips"][i] for i in order]
+    clips = pd.DataFrame(rows, columns=["clip_id", "path", "split"])
+    clips["num_segments"] = [int(entries[i]["n"]) for i in order]
+    clips["digest"] = [entries[i]["digest"] for i in order]
+    labels = np.array([[int(c) for c in plan["labels"][i]] for i in order], dtype=np.uint8)
+    labels = labels.reshape(len(order), len(plan["tags"]))
+    skipped = list(plan["dropped"]) + [
+        {
+            "clip_id": plan["clips"][i][0],
+            "path": plan["clips"][i][1],
+            "split": plan["clips"][i][2],
+            "reason": entries[i]["reason"],
+            "detail": entries[i]["detail"],
+        }
+        for i in sorted(entries)
+        if entries[i]["status"] != "ok"
+    ]
+    store = finish_store(
+        out,
+        dataset=plan["dataset"],
+        params=params,
+        tags=plan["tags"],
+        clips=clips,
+        labels=labels,
+        skipped=skipped,
+        source={**plan["options"], "root": plan["root"], "plan_sha256": digest},
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    counts = tuple(int((clips["split"] == s).sum()) for s in SPLITS)
+    if source.expected_counts is not None and counts != tuple(source.expected_counts):
+        logger.warning(
+            "%s: train/valid/test clips %s differ from the %s expected on the real %s data",
+            out,
+            counts,
+            tuple(source.expected_counts),
+            source.dataset,
+        )
+    return store
+
+
+def _disk_bytes(paths: Iterable[Path]) -> int:
+    """Bytes actually allocated on disk (sparse files count only written blocks)."""
+    return sum(p.stat().st_blocks * 512 for p in paths if p.is_file())
+
+
+def store_summary(store: SegmentStore) -> dict[str, Any]:
+    """Plain-value summary of a store for ``resemul data info``.
+
+    Returns:
+        ``{"path", "dataset", "params", "tags", "splits": [{"split", "clips", "segments"}],
+        "skips": {reason: count}, "size_bytes", "fingerprint", "library_version"}``.
+    """
+    counts = store.manifest.get("counts") or {}
+    return {
+        "path": str(store.path),
+        "dataset": store.manifest["dataset"],
+        "params": store.manifest["params"],
+        "tags": store.tags,
+        "splits": [{"split": s, **counts.get(s, {"clips": 0, "segments": 0})} for s in SPLITS],
+        "skips": dict(store.manifest.get("skip_counts", {})),
+        "size_bytes": _disk_bytes(store.path.iterdir()),
+        "fingerprint": store.fingerprint,
+        "library_version": store.manifest.get("library_version"),
+    }

@@ -1,0 +1,571 @@
+"""Dataset adapters: MagnaTagATune, the Million Song Dataset, or any table → a list of clips.
+
+Public: :func:`read_mtat`, :func:`read_msd`, :func:`read_table`, :func:`read_source`,
+:func:`select_top_tags`, :class:`Source`, :data:`SOURCES`, :data:`SPLIT_POLICIES`,
+:data:`MTAT_KNOWN_BROKEN`, :data:`MSD_PATH_PATTERNS`.
+
+An adapter reads only metadata (no audio): which clips, where their audio is, their split and
+their 0/1 tag vector. Clips it leaves out are listed in :attr:`Source.dropped` with a reason,
+and end up in the store manifest. Decoding, the duration check and the store itself are the
+job of :func:`resemul_core.prepare.prepare_store`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .audio import AUDIO_EXTENSIONS
+from .store import SPLITS
+from .tags import MSD_TOP50_TAGS, MTAT_TOP50_TAGS
+
+__all__ = [
+    "MSD_PATH_PATTERNS",
+    "MTAT_KNOWN_BROKEN",
+    "SOURCES",
+    "SPLIT_POLICIES",
+    "Source",
+    "read_msd",
+    "read_mtat",
+    "read_source",
+    "read_table",
+    "select_top_tags",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``paper``: Lee et al.'s split (SPEC §1.1/§1.2): also drop clips with less than 29.1 s of
+#: audio and MTAT's three known zero-byte files. ``resemul``: the official code's split.
+SPLIT_POLICIES = ("paper", "resemul")
+#: Seconds of audio a clip needs under the ``paper`` policy (poster: "29.1 s each").
+PAPER_MIN_DURATION = 29.1
+
+#: MTAT's three zero-byte mp3s (SPEC §1.1), as ``mp3_path`` values of annotations_final.csv.
+MTAT_KNOWN_BROKEN = (
+    "6/norine_braun-now_and_zen-08-gently-117-146.mp3",
+    "8/jacob_heringman-josquin_des_prez_lute_settings-19-gintzler__pater_noster-204-233.mp3",
+    "9/american_baroque-dances_and_suites_of_rameau_and_couperin-25-le_petit_rien_xiveme_ordre"
+    "_couperin-88-117.mp3",
+)
+_MTAT_REAL_ROWS = 25_863
+# (train, valid, test) clips after the adapter, and in the finished store, on the real data:
+# the store loses the 3 zero-byte files (resemul) or 3 short clips (paper) (SPEC §1.1).
+_MTAT_EXPECTED = {
+    "paper": {"source": (15_247, 1_529, 4_332), "store": (15_244, 1_529, 4_332)},
+    "resemul": {"source": (15_250, 1_529, 4_332), "store": (15_247, 1_529, 4_332)},
+}
+_MTAT_SPLIT_OF_FOLDER = {**dict.fromkeys("0123456789ab", "train"), "c": "valid"} | dict.fromkeys(
+    "def", "test"
+)
+
+#: Where :func:`read_msd` looks for a track's audio under ``audio_dir``, in order. Fields:
+#: ``{msd_id}`` (e.g. TRAAAAK128F9318786) and ``{stem}``: the 7digital path of Choi's
+#: ``*_x_filename.txt`` without its ``.npy`` (e.g. ``3/6/36122424``).
+MSD_PATH_PATTERNS = (
+    "{stem}.clip.mp3",
+    "{stem}.mp3",
+    "{msd_id}.mp3",
+    "{msd_id[2]}/{msd_id[3]}/{msd_id[4]}/{msd_id}.mp3",
+)
+
+
+@dataclass
+class Source:
+    """A dataset's clips before decoding.
+
+    Attributes:
+        dataset: 'mtat', 'msd' or 'table'.
+        root: folder the clip paths are relative to.
+        tags: tag names, the label columns in order.
+        clips: one row per clip: ``clip_id`` (str), ``path`` (str, relative to ``root`` or
+            absolute), ``split`` ('train'/'valid'/'test').
+        labels: ``(num_clips, num_tags)`` uint8 0/1.
+        dropped: clips left out, each ``{"clip_id", "path", "split", "reason", "detail"}``.
+        min_duration: seconds of decoded audio a clip needs (``None``: one segment suffices);
+            shorter clips are skipped at prepare time with reason 'too short'.
+        options: the adapter's arguments, recorded in the store manifest.
+        expected_counts: (train, valid, test) clip counts the finished store should have on
+            the real dataset (a warning is logged when it does not), or ``None``.
+    """
+
+    dataset: str
+    root: Path
+    tags: list[str]
+    clips: pd.DataFrame
+    labels: np.ndarray
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    min_duration: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    expected_counts: tuple[int, int, int] | None = None
+
+    def split_counts(self) -> tuple[int, int, int]:
+        """(train, valid, test) clip counts."""
+        counts = self.clips["split"].value_counts()
+        return tuple(int(counts.get(s, 0)) for s in SPLITS)  # type: ignore[return-value]
+
+
+def _check_policy(policy: str) -> None:
+    if policy not in SPLIT_POLICIES:
+        raise ValueError(
+            f"unknown split policy {policy!r}; valid policies: {', '.join(SPLIT_POLICIES)}"
+        )
+
+
+def _read_delimited(path: Path, *, sep: str | None = None) -> pd.DataFrame:
+    """A CSV/TSV as strings (``"NA"`` stays a string); quoted and unquoted fields both work."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if sep is None:
+        sep = "\t" if path.suffix.lower() in (".tsv", ".tab", ".txt") else ","
+    try:
+        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, quotechar='"')
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+        kind = "TSV" if sep == "\t" else "CSV"
+        raise ValueError(f"{path}: cannot parse as a {kind}: {err}") from err
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame
+
+
+def _require_columns(frame: pd.DataFrame, columns: Sequence[str], file: Path) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"{file}: missing column(s) {', '.join(map(repr, missing))};"
+            f" found {', '.join(map(repr, frame.columns[:12]))}"
+            + (" ..." if len(frame.columns) > 12 else "")
+        )
+
+
+def _binary_matrix(frame: pd.DataFrame, columns: Sequence[str], file: Path) -> np.ndarray:
+    """The 0/1 tag columns as uint8 ``(rows, len(columns))``; ValueError naming a bad column."""
+    out = np.zeros((len(frame), len(columns)), dtype=np.uint8)
+    for k, column in enumerate(columns):
+        values = frame[column].astype(str).str.strip()
+        bad = ~values.isin(("0", "1"))
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise ValueError(
+                f"{file}: tag column {column!r} must hold 0 or 1; row {row + 1} holds"
+                f" {values.iat[row]!r}"
+            )
+        out[:, k] = (values == "1").to_numpy()
+    return out
+
+
+def _drop(frame: pd.DataFrame, mask: np.ndarray, reason: str, detail: str) -> list[dict[str, Any]]:
+    rows = frame.loc[mask, ["clip_id", "path", "split"]]
+    return [
+        {"clip_id": c, "path": p, "split": s, "reason": reason, "detail": detail}
+        for c, p, s in rows.itertuples(index=False)
+    ]
+
+
+def _drop_missing_audio(
+    clips: pd.DataFrame, labels: np.ndarray, root: Path, described: str
+) -> tuple[pd.DataFrame, np.ndarray, list[dict[str, Any]]]:
+    """Drop clips whose audio file does not exist; error if none exists at all."""
+    exists = np.array([(root / p).is_file() for p in clips["path"]], dtype=bool)
+    if len(clips) and not exists.any():
+        example = root / clips["path"].iat[0]
+        raise FileNotFoundError(
+            f"none of the {len(clips)} audio files was found under {root} ({described});"
+            f" e.g. {example}"
+        )
+    dropped = _drop(clips, ~exists, "missing file", f"no file under {root}")
+    return clips.loc[exists].reset_index(drop=True), labels[exists], dropped
+
+
+def select_top_tags(counts: pd.Series, top_k: int) -> list[str]:
+    """The ``top_k`` most frequent tags that occur at all, in ascending order of count.
+
+    Ties are broken by column order (a stable sort), so the result is deterministic.
+    """
+    ranked = counts[counts > 0].sort_values(kind="stable")
+    return list(ranked.index[-top_k:]) if top_k > 0 else []
+
+
+def read_mtat(
+    root: str | os.PathLike,
+    *,
+    split_policy: str = "paper",
+    top_k: int = 50,
+    min_duration: float = PAPER_MIN_DURATION,
+) -> Source:
+    """MagnaTagATune from ``ROOT/annotations_final.csv`` and the mp3 folders ``0``..``f``.
+
+    Args:
+        root: folder holding ``annotations_final.csv`` and the folders ``0``..``f``, either
+            in ``ROOT/mp3/`` or directly in ``ROOT``. The CSV is tab-separated with a header
+            ``clip_id``, one 0/1 column per tag (188 on the real data), ``mp3_path``; fields
+            may be wrapped in double quotes.
+        split_policy: 'paper' (15,244 / 1,529 / 4,332 clips on the real data: also drops
+            the three known zero-byte files and, at prepare time, clips with less than 29.1 s
+            of audio) or 'resemul' (the official code: 15,250 / 1,529 / 4,332 before decoding;
+            the three zero-byte files then fail to decode → 15,247 train clips).
+        top_k: number of tags kept: the most frequent over *all* clips, output in ascending
+            order of frequency. Tags that never occur are never selected, so a dataset with
+            fewer than ``top_k`` occurring tags yields fewer tags.
+        min_duration: seconds of audio a clip needs under the 'paper' policy (29.1; change
+            it only for scaled-down test data).
+
+    Split by the first character of ``mp3_path``: ``0``–``b`` train, ``c`` valid, ``d``–``f``
+    test (SPEC §1.1). Clips with none of the selected tags are dropped ('no tag'), as are
+    listed clips whose mp3 does not exist ('missing file').
+
+    Note:
+        When the selected tags are exactly SPEC §1.1's 50, their order is taken from
+        :data:`~resemul_core.tags.MTAT_TOP50_TAGS` (the official code's argsort order), so
+        ties in the counts cannot reorder the label columns.
+    """
+    _check_policy(split_policy)
+    root = Path(root)
+    file = root / "annotations_final.csv"
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such MTAT folder")
+    frame = _read_delimited(file, sep="\t")
+    _require_columns(frame, ["clip_id", "mp3_path"], file)
+    tag_names = [c for c in frame.columns if c not in ("clip_id", "mp3_path")]
+    matrix = _binary_matrix(frame, tag_names, file)
+    counts = pd.Series(matrix.sum(axis=0, dtype=np.int64), index=tag_names)
+    tags = select_top_tags(counts, top_k)
+    if set(tags) == set(MTAT_TOP50_TAGS):
+        tags = list(MTAT_TOP50_TAGS)
+    labels = matrix[:, [tag_names.index(t) for t in tags]]
+
+    paths = frame["mp3_path"].str.strip()
+    folders = paths.str[:1].str.lower()
+    unknown = ~folders.isin(list(_MTAT_SPLIT_OF_FOLDER))
+    if unknown.any():
+        row = int(np.flatnonzero(unknown.to_numpy())[0])
+        raise ValueError(
+            f"{file}: row {row + 1}: mp3_path {paths.iat[row]!r} does not start with a"
+            " folder 0-9 or a-f"
+        )
+    clips = pd.DataFrame(
+        {
+            "clip_id": frame["clip_id"].str.strip(),
+            "path": paths,
+            "split": folders.map(_MTAT_SPLIT_OF_FOLDER),
+        }
+    )
+    audio_root = root / "mp3" if (root / "mp3").is_dir() else root
+    if not any((audio_root / c).is_dir() for c in "0123456789abcdef"):
+        raise FileNotFoundError(f"{root}: no mp3 folders 0..f found in {root / 'mp3'} or {root}")
+    no_tag = labels.sum(axis=1) == 0
+    dropped = _drop(clips, no_tag, "no tag", f"none of the {len(tags)} selected tags")
+    keep = ~no_tag
+    if split_policy == "paper":
+        broken = clips["path"].isin(MTAT_KNOWN_BROKEN).to_numpy() & keep
+        dropped += _drop(clips, broken, "known broken", "zero-byte file in MTAT (SPEC §1.1)")
+        keep &= ~broken
+    clips, labels = clips.loc[keep].reset_index(drop=True), labels[keep]
+    clips, labels, missing = _drop_missing_audio(clips, labels, audio_root, "MTAT mp3 folders")
+    dropped += missing
+    source = Source(
+        dataset="mtat",
+        root=audio_root,
+        tags=tags,
+        clips=clips,
+        labels=labels,
+        dropped=dropped,
+        min_duration=min_duration if split_policy == "paper" else None,
+        options={"root": str(root), "split_policy": split_policy, "top_k": top_k},
+    )
+    if abs(len(frame) - _MTAT_REAL_ROWS) <= 100:  # the real file, perhaps a variant of it
+        expected = _MTAT_EXPECTED[split_policy]
+        source.expected_counts = expected["store"]
+        if source.split_counts() != expected["source"]:
+            logger.warning(
+                "%s looks like the real MTAT (%d rows) but gives %s train/valid/test clips,"
+                " not the %s expected under the %r policy",
+                file,
+                len(frame),
+                source.split_counts(),
+                expected["source"],
+                split_policy,
+            )
+    logger.info(
+        "MTAT: %d tags, clips train/valid/test %s, %d dropped",
+        len(tags),
+        source.split_counts(),
+        len(dropped),
+    )
+    return source
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_msd(
+    root: str | os.PathLike,
+    *,
+    audio_dir: str | os.PathLike | None = None,
+    split_policy: str = "paper",
+    path_patterns: Sequence[str] = MSD_PATH_PATTERNS,
+    min_duration: float = PAPER_MIN_DURATION,
+) -> Source:
+    """The Million Song Dataset's Last.fm top-50 split of Choi et al. (SPEC §1.2).
+
+    Args:
+        root: folder with Choi's split files (github keunwoochoi/MSD_split_for_tagging), per
+            split ``S`` in train, valid, test: ``S_x_msd_id.txt`` (one MSD track id a line),
+            ``S_y.npy`` (``(n, 50)`` 0/1, columns in the order of
+            :data:`~resemul_core.tags.MSD_TOP50_TAGS`) and, optionally, ``S_x_filename.txt``
+            (7digital paths such as ``3/6/36122424.npy``, same line order).
+        audio_dir: folder of the audio previews (default ``ROOT/audio``).
+        split_policy: 'paper' drops clips with less than 29.1 s of audio at prepare time
+            (Lee et al.'s filter); 'resemul' keeps every clip with at least one segment.
+        path_patterns: where a track's audio is looked for under ``audio_dir``, first match
+            wins; see :data:`MSD_PATH_PATTERNS` for the fields. Patterns using ``{stem}`` are
+            tried only when the ``S_x_filename.txt`` files exist.
+        min_duration: seconds of audio a clip needs under the 'paper' policy (29.1).
+
+    Tracks without audio are dropped ('missing file', with the paths searched); if no track
+    has audio at all, FileNotFoundError lists the patterns searched.
+
+    Note:
+        Lee et al. split Choi's training list into 201,680 train / 11,774 valid clips by a
+        file that is not public; this adapter keeps Choi's own train/valid lists (201,680 /
+        12,634 / 28,540 before the duration filter), so valid and train differ slightly from
+        the paper's.
+    """
+    _check_policy(split_policy)
+    root = Path(root)
+    audio_root = Path(audio_dir) if audio_dir is not None else root / "audio"
+    if not audio_root.is_dir():
+        raise FileNotFoundError(f"{audio_root}: no such MSD audio folder")
+    rows: list[pd.DataFrame] = []
+    matrices: list[np.ndarray] = []
+    for split in SPLITS:
+        ids = _read_lines(root / f"{split}_x_msd_id.txt")
+        y_file = root / f"{split}_y.npy"
+        if not y_file.is_file():
+            raise FileNotFoundError(f"{y_file}: no such file")
+        y = np.load(y_file)
+        if y.shape != (len(ids), len(MSD_TOP50_TAGS)):
+            raise ValueError(
+                f"{y_file}: expected shape ({len(ids)}, {len(MSD_TOP50_TAGS)}) to match"
+                f" {split}_x_msd_id.txt, found {y.shape}"
+            )
+        if not np.isin(y, (0, 1)).all():
+            raise ValueError(f"{y_file}: labels must be 0/1")
+        name_file = root / f"{split}_x_filename.txt"
+        stems = [""] * len(ids)
+        if name_file.is_file():
+            stems = [s.removesuffix(".npy") for s in _read_lines(name_file)]
+            if len(stems) != len(ids):
+                raise ValueError(
+                    f"{name_file}: {len(stems)} lines but {split}_x_msd_id.txt has {len(ids)}"
+                )
+        rows.append(pd.DataFrame({"clip_id": ids, "stem": stems, "split": split}))
+        matrices.append(y.astype(np.uint8))
+    frame = pd.concat(rows, ignore_index=True)
+    labels = np.concatenate(matrices)
+
+    patterns = [p for p in path_patterns if "{stem}" not in p or (frame["stem"] != "").all()]
+    if not patterns:
+        raise ValueError(f"no usable path pattern among {list(path_patterns)}")
+    found: list[str] = []
+    for msd_id, stem in zip(frame["clip_id"], frame["stem"], strict=True):
+        candidates = [p.format(msd_id=msd_id, stem=stem) for p in patterns]
+        found.append(next((c for c in candidates if (audio_root / c).is_file()), ""))
+    frame["path"] = found
+    exists = (frame["path"] != "").to_numpy()
+    if not exists.any():
+        raise FileNotFoundError(
+            f"no MSD audio found under {audio_root}; searched patterns {patterns}"
+        )
+    dropped = _drop(
+        frame,
+        ~exists,
+        "missing file",
+        f"no file under {audio_root} matching {patterns}",
+    )
+    clips = frame.loc[exists, ["clip_id", "path", "split"]].reset_index(drop=True)
+    source = Source(
+        dataset="msd",
+        root=audio_root,
+        tags=list(MSD_TOP50_TAGS),
+        clips=clips,
+        labels=labels[exists],
+        dropped=dropped,
+        min_duration=min_duration if split_policy == "paper" else None,
+        options={
+            "root": str(root),
+            "audio_dir": str(audio_root),
+            "split_policy": split_policy,
+            "path_patterns": list(patterns),
+        },
+    )
+    logger.info(
+        "MSD: clips train/valid/test %s, %d without audio", source.split_counts(), len(dropped)
+    )
+    return source
+
+
+_SPLIT_ALIASES = {
+    "train": "train",
+    "valid": "valid",
+    "val": "valid",
+    "validation": "valid",
+    "test": "test",
+}
+
+
+def _seeded_split(n: int, fractions: Sequence[float], seed: int) -> list[str]:
+    """``round(n * f)`` clips per split (test takes the rest) from a seeded permutation."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(
+            f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    n_train = round(n * fractions[0])
+    n_valid = min(round(n * fractions[1]), n - n_train)
+    splits = np.empty(n, dtype=object)
+    splits[order[:n_train]] = "train"
+    splits[order[n_train : n_train + n_valid]] = "valid"
+    splits[order[n_train + n_valid :]] = "test"
+    return list(splits)
+
+
+def read_table(
+    table: str | os.PathLike,
+    *,
+    path_column: str = "path",
+    id_column: str | None = None,
+    split_column: str | None = "split",
+    tag_columns: Sequence[str] | None = None,
+    tags_column: str | None = None,
+    tag_separator: str = ";",
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    min_duration: float | None = None,
+    sep: str | None = None,
+) -> Source:
+    """Any dataset given as a table: one row per clip with its audio path and its tags.
+
+    Args:
+        table: a CSV (comma) or TSV (``.tsv``/``.tab``/``.txt``: tab) file with a header.
+        path_column: column of audio paths, relative to the table's folder or absolute.
+        id_column: column of clip ids (default: the path).
+        split_column: column of 'train'/'valid'/'test' ('val', 'validation' accepted). If the
+            table has no such column, clips are split at random (see ``fractions``).
+        tag_columns: 0/1 tag columns. Default: every column that is not the path, id, split
+            or tag-list column (unless ``tags_column`` is used).
+        tags_column: a column of tag lists such as ``"rock;guitar"`` instead of 0/1 columns
+            (default: ``"tags"`` if the table has that column and ``tag_columns`` is unset).
+            The tags are all names that occur, sorted alphabetically; empty = no tag.
+        tag_separator: separator inside ``tags_column`` entries.
+        fractions: train/valid/test fractions of the random split: ``round(n * f)`` clips
+            for train and valid from a permutation seeded with ``seed``; test takes the rest.
+        seed: seed of the random split.
+        min_duration: seconds of audio a clip needs (``None``: at least one segment).
+        sep: field separator, overriding the one implied by the file extension.
+
+    Clips whose audio file does not exist are dropped ('missing file'); if none exists,
+    FileNotFoundError.
+    """
+    table = Path(table)
+    frame = _read_delimited(table, sep=sep)
+    _require_columns(frame, [path_column] + ([id_column] if id_column else []), table)
+    has_split = split_column is not None and split_column in frame.columns
+    if tags_column is None and tag_columns is None and "tags" in frame.columns:
+        tags_column = "tags"
+    if tags_column is not None:
+        _require_columns(frame, [tags_column], table)
+        lists = [
+            [t.strip() for t in str(v).split(tag_separator) if t.strip()]
+            for v in frame[tags_column]
+        ]
+        tags = sorted({t for row in lists for t in row})
+        labels = np.zeros((len(frame), len(tags)), dtype=np.uint8)
+        position = {t: k for k, t in enumerate(tags)}
+        for i, row in enumerate(lists):
+            labels[i, [position[t] for t in row]] = 1
+    else:
+        reserved = {path_column, id_column, split_column if has_split else None}
+        tags = (
+            list(tag_columns)
+            if tag_columns is not None
+            else [c for c in frame.columns if c not in reserved]
+        )
+        _require_columns(frame, tags, table)
+        labels = _binary_matrix(frame, tags, table)
+    if not tags:
+        raise ValueError(f"{table}: no tag columns found (give tag_columns or tags_column)")
+
+    if has_split:
+        raw = frame[split_column].str.strip().str.lower()
+        bad = ~raw.isin(list(_SPLIT_ALIASES))
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise ValueError(
+                f"{table}: row {row + 1}: split {frame[split_column].iat[row]!r} is not one of"
+                f" {', '.join(SPLITS)}"
+            )
+        splits = list(raw.map(_SPLIT_ALIASES))
+    else:
+        splits = _seeded_split(len(frame), fractions, seed)
+    paths = frame[path_column].str.strip()
+    clips = pd.DataFrame(
+        {
+            "clip_id": frame[id_column].str.strip() if id_column else paths,
+            "path": paths,
+            "split": splits,
+        }
+    )
+    if clips["clip_id"].duplicated().any():
+        dup = clips["clip_id"][clips["clip_id"].duplicated()].iat[0]
+        raise ValueError(f"{table}: clip id {dup!r} occurs more than once")
+    suffixes = clips["path"].map(lambda p: Path(p).suffix.lower())
+    if not suffixes.isin(AUDIO_EXTENSIONS).all():
+        odd = clips["path"][~suffixes.isin(AUDIO_EXTENSIONS)].iat[0]
+        logger.warning(
+            "%s: %r is not a %s file; decoding will be tried anyway",
+            table,
+            odd,
+            "/".join(AUDIO_EXTENSIONS),
+        )
+    clips, labels, dropped = _drop_missing_audio(
+        clips, labels, table.parent, f"paths of {table.name}"
+    )
+    source = Source(
+        dataset="table",
+        root=table.parent,
+        tags=tags,
+        clips=clips,
+        labels=labels,
+        dropped=dropped,
+        min_duration=min_duration,
+        options={
+            "table": str(table),
+            "split": "column" if has_split else {"fractions": list(fractions), "seed": seed},
+        },
+    )
+    logger.info("table: %d tags, clips train/valid/test %s", len(tags), source.split_counts())
+    return source
+
+
+#: Adapter per ``--dataset`` name.
+SOURCES: dict[str, Callable[..., Source]] = {
+    "mtat": read_mtat,
+    "msd": read_msd,
+    "table": read_table,
+}
+
+
+def read_source(dataset: str, root: str | os.PathLike, **options: Any) -> Source:
+    """Call the adapter named ``dataset`` (a key of :data:`SOURCES`) on ``root``."""
+    if dataset not in SOURCES:
+        raise ValueError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(SOURCES)}")
+    return SOURCES[dataset](root, **options)

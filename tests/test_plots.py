@@ -1,0 +1,158 @@
+"""Figures: each is produced with the expected panels and content, and saves a PNG."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from resemul_core.excitations import (
+    PAPER_STD_ACROSS_TAGS,
+    ExcitationSet,
+    clip_means,
+    std_per_level,
+)
+from resemul_core.plots import (
+    excitation_figures,
+    plot_excitations_at_levels,
+    plot_first_block_excitations,
+    plot_loudness_scatter,
+    plot_std_across_tags,
+    save_figure,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path) -> bool:
+    data = path.read_bytes()
+    return len(data) > 1000 and data[:8] == PNG
+
+
+def _legend_labels(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_excitations_at_levels_one_panel_per_level_sorted_channels(tmp_path):
+    tags = ["rock", "classical", "metal", "dance", "pop"]
+    rng = np.random.default_rng(0)
+    means = {1: rng.uniform(size=(5, 8)), 3: rng.uniform(size=(5, 16)), 4: rng.uniform(size=(5, 4))}
+    fig = plot_excitations_at_levels(means, tags, path=tmp_path / "levels.png")
+    assert isinstance(fig, Figure) and len(fig.axes) == 3
+    assert _is_png(tmp_path / "levels.png")
+    assert [ax.get_title() for ax in fig.axes] == [
+        "block 1 (8 channels)",
+        "block 3 (16 channels)",
+        "block 4 (4 channels)",
+    ]
+    assert _legend_labels(fig.axes[-1]) == ["classical", "metal", "dance"]  # the paper's three
+    # Channels are sorted by their mean over the drawn tags, highest first.
+    drawn = np.stack([line.get_ydata() for line in fig.axes[1].get_lines()])
+    np.testing.assert_allclose(
+        drawn, means[3][[1, 2, 3]][:, np.argsort(-means[3][[1, 2, 3]].mean(0))]
+    )
+    assert np.all(np.diff(drawn.mean(axis=0)) <= 0)
+
+
+def test_excitations_at_levels_falls_back_to_the_first_tags_and_checks_names():
+    means = {1: np.full((4, 2), 0.5)}
+    means[1][0] = np.nan  # tag "a" is carried by no clip
+    fig = plot_excitations_at_levels(means, ["a", "b", "c", "d"])
+    assert _legend_labels(fig.axes[0]) == ["b", "c", "d"]
+    fig = plot_excitations_at_levels(means, ["a", "b", "c", "d"], show_tags=["d"])
+    assert _legend_labels(fig.axes[0]) == ["d"]
+    with pytest.raises(ValueError, match=r"unknown tag\(s\) \['metal'\]"):
+        plot_excitations_at_levels(means, ["a", "b", "c", "d"], show_tags=["metal"])
+
+
+def test_first_block_figure_marks_half_and_the_split(tmp_path):
+    rng = np.random.default_rng(1)
+    means = rng.uniform(size=(6, 8))
+    means[2] = np.nan
+    fig = plot_first_block_excitations(means, list("abcdef"), split_at=3)
+    assert len(fig.axes) == 1
+    ax = fig.axes[0]
+    lines = ax.get_lines()
+    assert len(lines) == 5 + 2  # five tags with clips, the 0.5 line and the split line
+    assert [ln.get_label() for ln in lines[:5]] == ["a", "b", "d", "e", "f"]
+    assert list(lines[5].get_ydata()) == [0.5, 0.5]
+    assert list(lines[6].get_xdata()) == [2.5, 2.5]
+    assert "3 channels | 5 channels" in [t.get_text() for t in ax.texts]
+    save_figure(fig, tmp_path / "first.png")
+    assert _is_png(tmp_path / "first.png")
+    with pytest.raises(ValueError, match="split_at"):
+        plot_first_block_excitations(means, list("abcdef"), split_at=9)
+
+
+def test_std_figure_overlays_the_paper(tmp_path):
+    labels = np.array([[1, 0], [0, 1]])
+    table = std_per_level(
+        [np.array([[0.2, 0.4], [0.6, 0.4]]), np.array([[0.5], [0.7]])], labels, levels=[1, 2]
+    )
+    fig = plot_std_across_tags(table, path=tmp_path / "std.png")
+    assert len(fig.axes) == 1 and _is_png(tmp_path / "std.png")
+    ours, paper = fig.axes[0].get_lines()
+    np.testing.assert_allclose(ours.get_ydata(), [0.1, 0.1])  # (0.2 + 0) / 2 and 0.1
+    assert list(paper.get_xdata()) == list(range(1, 10))
+    assert list(paper.get_ydata()) == list(PAPER_STD_ACROSS_TAGS.values())
+    assert len(plot_std_across_tags(table, paper=False).axes[0].get_lines()) == 1
+
+
+def test_loudness_scatter_five_panels_subsampled_with_full_data_lines(tmp_path):
+    rng = np.random.default_rng(2)
+    loud = rng.uniform(0, 0.5, 3000)
+    slopes = np.array([0.6, -0.4, 0.01, 0.2])
+    ex = 0.4 + np.outer(loud, slopes) + rng.normal(0, [0.05, 0.05, 0.01, 0.001], (3000, 4))
+    fig = plot_loudness_scatter(ex, loud, max_points=500, path=tmp_path / "loud.png")
+    assert len(fig.axes) == 5 and _is_png(tmp_path / "loud.png")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0].startswith("average of 4 channels\n(3 rising, 1 falling)")
+    assert [t.split("\n")[0] for t in titles[1:]] == [
+        "most positive: channel 0",
+        "most negative: channel 1",
+        "most neutral: channel 2",
+        "least error: channel 3",
+    ]
+    for ax in fig.axes:
+        assert len(ax.collections[0].get_offsets()) == 500
+    (line,) = fig.axes[1].get_lines()
+    x, y = line.get_xdata(), line.get_ydata()
+    assert (y[1] - y[0]) / (x[1] - x[0]) == pytest.approx(0.6, abs=0.02)
+    assert fig.axes[0].get_xlabel() == "loudness (RMS amplitude)"
+
+
+def test_all_excitation_figures_from_an_excitation_set(tmp_path):
+    rng = np.random.default_rng(3)
+    n_clips, per_clip = 20, 3
+    segment_clip = np.repeat(np.arange(n_clips), per_clip)
+    seg = rng.uniform(0.2, 0.8, (n_clips * per_clip, 8)).astype(np.float32)
+    labels = rng.integers(0, 2, (n_clips, 3)).astype(np.uint8)
+    labels[0] = 1
+    clips = [clip_means(seg, segment_clip).astype(np.float32)] + [
+        rng.uniform(size=(n_clips, c)).astype(np.float32) for c in (8, 16, 32)
+    ]
+    result = ExcitationSet(
+        levels=(1, 2, 3, 4),
+        clip=tuple(clips),
+        segment={1: seg},
+        segment_clip=segment_clip,
+        segment_rms=rng.uniform(0, 0.5, n_clips * per_clip).astype(np.float32),
+        clip_ids=np.array([str(i) for i in range(n_clips)]),
+        labels=labels,
+        tags=("classical", "metal", "dance"),
+    )
+    figures = excitation_figures(result, loudness="db", out_dir=tmp_path / "figs")
+    expected_axes = {
+        "excitations_at_levels": 3,
+        "first_block_excitations": 1,
+        "std_across_tags": 1,
+        "loudness_scatter": 5,
+    }
+    assert {name: len(fig.axes) for name, fig in figures.items()} == expected_axes
+    for name in expected_axes:
+        assert _is_png(tmp_path / "figs" / f"{name}.png")
+    levels_fig = figures["excitations_at_levels"]
+    assert [ax.get_title().split()[1] for ax in levels_fig.axes] == ["1", "3", "4"]
+    assert figures["loudness_scatter"].axes[0].get_xlabel() == "loudness (dBFS)"
