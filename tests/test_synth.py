@@ -1,0 +1,193 @@
+"""The synthetic MTAT-format dataset: layout, audio format, determinism, tag model, no leakage."""
+
+import csv
+import dataclasses
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from resemul_core import synth
+from resemul_core.synth import DEFAULT_NUM_CLIPS, SYNTH_TAGS, generate_dataset
+from resemul_core.tags import MTAT_TOP50_TAGS
+
+NAME = re.compile(r"^[0-9a-f]/synthetic_artist_\d{3}-synthetic_album-\d{2}-track-0-29\.mp3$")
+SPLIT = {**dict.fromkeys("0123456789ab", "train"), "c": "valid", **dict.fromkeys("def", "test")}
+
+
+def _rms_db(x: np.ndarray) -> float:
+    return 20 * np.log10(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> tuple[Path, dict]:
+    """32 clips of 3 s: two per folder."""
+    root = tmp_path_factory.mktemp("synth")
+    summary = generate_dataset(root, num_clips=32, seed=3, duration=3.0, workers=1, progress=False)
+    return root, summary
+
+
+def test_vocabulary_uses_mtat_spellings():
+    assert len(SYNTH_TAGS) >= 12 and len(set(SYNTH_TAGS)) == len(SYNTH_TAGS)
+    assert set(SYNTH_TAGS) - set(MTAT_TOP50_TAGS) == {"bass"}  # an MTAT tag outside the top 50
+
+
+def test_csv_is_mtat_format(small):
+    root, summary = small
+    lines = (root / "annotations_final.csv").read_text().splitlines()
+    assert lines[0].startswith('"clip_id"\t"piano"\t') and lines[0].endswith('\t"mp3_path"')
+    rows = list(csv.reader(lines, delimiter="\t"))
+    assert rows[0] == ["clip_id", *SYNTH_TAGS, "mp3_path"]
+    assert len(rows) == 33 and all(len(r) == len(rows[0]) for r in rows)
+    assert [r[0] for r in rows[1:]] == [str(i) for i in range(32)]
+    assert all(v in ("0", "1") for r in rows[1:] for v in r[1:-1])
+    assert all(NAME.match(r[-1]) for r in rows[1:])
+    # pandas reads the quoted values back as integers, as an MTAT reader would
+    table = pd.read_csv(root / "annotations_final.csv", sep="\t")
+    assert list(table.columns) == rows[0] and table[list(SYNTH_TAGS)].isin([0, 1]).all().all()
+    assert table[list(SYNTH_TAGS)].sum().to_dict() == summary["tags"]
+    assert (table[list(SYNTH_TAGS)].sum(axis=1) >= 1).all()  # no tagless clip to be dropped
+    assert table["vocal"].add(table["no vocals"]).eq(1).all()
+
+
+def test_files_sit_in_their_folders_and_fill_every_split(small):
+    root, summary = small
+    table = pd.read_csv(root / "annotations_final.csv", sep="\t")
+    assert all((root / "mp3" / p).is_file() for p in table["mp3_path"])
+    assert sorted(p.relative_to(root / "mp3").as_posix() for p in root.rglob("*.mp3")) == sorted(
+        table["mp3_path"]
+    )
+    folders = Counter(p[0] for p in table["mp3_path"])
+    assert folders == dict.fromkeys("0123456789abcdef", 2)
+    assert summary["splits"] == {"train": 24, "valid": 2, "test": 6}
+    assert summary["clips"] == 32 and summary["peak"] < 1.0
+
+
+def test_default_size_gives_every_tag_positives_and_negatives_in_every_split():
+    clips = synth._plan(DEFAULT_NUM_CLIPS, 0)
+    assert Counter(c.mp3_path[0] for c in clips) == dict.fromkeys("0123456789abcdef", 32)
+    for split in ("train", "valid", "test"):
+        members = [c for c in clips if SPLIT[c.mp3_path[0]] == split]
+        counts = Counter(tag for c in members for tag in c.spec.tags)
+        assert all(0 < counts[tag] < len(members) for tag in SYNTH_TAGS), (split, counts)
+
+
+def test_full_length_clip_format(tmp_path):
+    summary = generate_dataset(tmp_path, num_clips=3, workers=1, progress=False)
+    mp3s = sorted(tmp_path.rglob("*.mp3"))
+    assert len(mp3s) == 3 and summary["clips"] == 3
+    for path in mp3s:
+        info = sf.info(path)
+        assert (info.format, info.samplerate, info.channels) == ("MP3", 16000, 1)
+        audio, rate = sf.read(path, dtype="float32")
+        assert rate == 16000 and audio.ndim == 1
+        assert audio.size == 465_600  # 29.1 s, the same for every clip
+        assert np.abs(audio).max() < 1.0  # no clipping after encoding
+
+
+def test_same_seed_same_bytes_whatever_the_workers_and_other_seed_differs(tmp_path):
+    kwargs = {"num_clips": 6, "duration": 2.0, "progress": False}
+    generate_dataset(tmp_path / "a", seed=7, workers=1, **kwargs)
+    generate_dataset(tmp_path / "b", seed=7, workers=2, **kwargs)
+    generate_dataset(tmp_path / "c", seed=8, workers=1, **kwargs)
+    a, b, c = (_files(tmp_path / x) for x in "abc")
+    assert len(a) == 7 and a == b  # CSV + 6 mp3s, byte for byte
+    assert a["annotations_final.csv"] != c["annotations_final.csv"]
+    assert not set(a.values()) & set(c.values())
+
+
+def test_regenerating_removes_clips_of_a_larger_earlier_run(tmp_path):
+    generate_dataset(tmp_path, num_clips=20, duration=1.0, workers=1, progress=False)
+    generate_dataset(tmp_path, num_clips=16, duration=1.0, workers=1, progress=False)
+    table = pd.read_csv(tmp_path / "annotations_final.csv", sep="\t")
+    on_disk = sorted(p.relative_to(tmp_path / "mp3").as_posix() for p in tmp_path.rglob("*.mp3"))
+    assert len(table) == 16 and on_disk == sorted(table["mp3_path"])
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"num_clips": 0}, {"duration": 0.0}, {"sample_rate": 100}], ids=str
+)
+def test_rejects_bad_arguments(tmp_path, kwargs):
+    with pytest.raises(ValueError):
+        generate_dataset(tmp_path, progress=False, **kwargs)
+
+
+def _documented_frequencies() -> dict[str, float]:
+    """The tag frequencies the module docstring promises."""
+    text = synth.__doc__.split("default size:", 1)[1].split(". Every clip", 1)[0]
+    pairs = re.findall(r"([a-z][a-z ]*?) (\.\d\d)", " ".join(text.split()))
+    return {tag.strip(): float(value) for tag, value in pairs}
+
+
+def test_tag_frequencies_match_the_documentation():
+    documented = _documented_frequencies()
+    assert set(documented) == set(SYNTH_TAGS)
+    rng = np.random.default_rng(12345)
+    draws = 20_000
+    counts = Counter(tag for _ in range(draws) for tag in synth._sample_spec(rng).tags)
+    for tag in SYNTH_TAGS:  # binomial s.d. <= 0.0035 here; the docs round to 0.01
+        assert abs(counts[tag] / draws - documented[tag]) < 0.015, tag
+    # imbalance: frequent and rare tags, the rarest still ~1 in 7 clips
+    assert max(documented.values()) > 0.6 and 0.12 <= min(documented.values()) < 0.16
+
+
+def test_tags_follow_the_documented_rules():
+    rng = np.random.default_rng(5)
+    for _ in range(3000):
+        spec = synth._sample_spec(rng)
+        tags, has = set(spec.tags), spec.instruments.__contains__
+        for name in ("piano", "guitar", "strings", "flute", "bass", "synth", "drums"):
+            assert (name in tags) == has(name)
+        assert ("vocal" in tags) == has("voice") != ("no vocals" in tags)
+        assert ("female" in tags) == (has("voice") and spec.female)
+        assert ("male" in tags) == (has("voice") and not spec.female)
+        assert ("slow" in tags) == (spec.bpm <= 78) and ("fast" in tags) == (spec.bpm >= 148)
+        assert ("quiet" in tags) == (spec.level_db <= -37)
+        assert ("loud" in tags) == (spec.level_db >= -19)
+        assert ("rock" in tags) == (has("guitar") and has("drums") and not has("synth"))
+        acoustic = {"piano", "guitar", "strings", "flute"}
+        assert ("electronic" in tags) == (has("synth") and not spec.instruments & acoustic)
+
+
+def test_level_spans_30_db_and_drives_loud_and_quiet(small):
+    rng = np.random.default_rng(0)
+    levels = [synth._sample_spec(rng).level_db for _ in range(3000)]
+    assert max(levels) - min(levels) >= 30
+    # the decoded audio has the planned level, so loud/quiet are audible
+    root, summary = small
+    table = pd.read_csv(root / "annotations_final.csv", sep="\t")
+    plan = synth._plan(32, 3)
+    measured = np.array([_rms_db(sf.read(root / "mp3" / p)[0]) for p in table["mp3_path"]])
+    planned = np.array([c.spec.level_db for c in plan])
+    assert np.abs(measured - planned).max() < 1.0
+    assert measured[table["quiet"] == 1].max() < measured[table["loud"] == 1].min() - 15
+    assert summary["level_db"][1] - summary["level_db"][0] > 15
+    # and the extremes of the level range render 32 dB apart without clipping
+    quietest, loudest = (
+        dataclasses.replace(plan[0].spec, level_db=level) for level in synth._LEVEL_DB
+    )
+    low = synth._render(quietest, plan[0].audio_seed, 16000, 32000)
+    high = synth._render(loudest, plan[0].audio_seed, 16000, 32000)
+    assert _rms_db(high) - _rms_db(low) > 30 and np.abs(high).max() < 0.91
+
+
+def test_names_and_folders_do_not_depend_on_tags(monkeypatch):
+    real = [c.mp3_path for c in synth._plan(200, 4)]
+    # names follow the clip index only: another seed (other tags) gives the same names
+    other = [c.mp3_path for c in synth._plan(200, 5)]
+    assert [p[2:] for p in real] == [p[2:] for p in other]
+    assert len({p[2:] for p in real}) == 200
+    # folders do not look at the tags: constant tags leave every path unchanged
+    fixed = synth._sample_spec(np.random.default_rng(0))
+    monkeypatch.setattr(synth, "_sample_spec", lambda rng: fixed)
+    assert [c.mp3_path for c in synth._plan(200, 4)] == real
