@@ -58,8 +58,457 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- excitations (issue 5) ---------------------------------------------------------------
+
+
+def add_excitation_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "excitations",
+        help="extract and analyse the SE gates of a trained model (paper Sec. 4.3, SPEC §5)",
+        description="Writes OUT/excitations.npz, OUT/summary.json and the figures as PNG.",
+    )
+    p.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="run directory or .pt file")
+    p.add_argument("--data", required=True, metavar="STORE", help="segment store directory")
+    p.add_argument("--split", default="test", help="split to analyse (default: test)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=64, help="segments per forward pass")
+    p.add_argument(
+        "--loudness",
+        choices=("rms", "db"),
+        default="rms",
+        help="per-segment loudness: RMS amplitude (default) or dBFS",
+    )
+    p.add_argument(
+        "--segment-levels",
+        choices=("first", "all"),
+        default="first",
+        help="SE levels whose per-segment gates are saved (default: first)",
+    )
+    p.add_argument("--tags", help="comma-separated tags for the per-level figure")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_cmd_excitations)
+
+
+def _cmd_excitations(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .checkpoint import load_checkpoint, resolve_checkpoint
+    from .excitations import (
+        extract_excitations,
+        require_se,
+        save_excitations,
+        summarize_excitations,
+    )
+    from .files import write_json
+    from .plots import excitation_figures
+    from .store import open_store
+
+    model, _ = load_checkpoint(args.source)
+    require_se(model.config)  # before the store is read
+    store = open_store(args.data)
+    result = extract_excitations(
+        model,
+        store,
+        split=args.split,
+        batch_size=args.batch_size,
+        device=args.device,
+        segment_levels=args.segment_levels,
+        progress=not args.no_progress,
+    )
+    out = Path(args.out)
+    save_excitations(out / "excitations.npz", result)
+    summary = summarize_excitations(result, loudness=args.loudness)
+    summary["checkpoint"] = str(resolve_checkpoint(args.source))
+    summary["store"] = str(args.data)
+    write_json(out / "summary.json", summary)
+    tags = [t.strip() for t in args.tags.split(",")] if args.tags else None
+    figures = excitation_figures(result, loudness=args.loudness, show_tags=tags, out_dir=out)
+
+    print(
+        f"{summary['variant']} on {summary['split']}: {summary['num_clips']:,} clips, "
+        f"{summary['num_segments']:,} segments, {summary['num_tags']} tags"
+    )
+    print("standard deviation of tag-mean excitations across tags, mean over channels:")
+    rows = [
+        {**r, "std": f"{r['std']:.4g}", "paper": "-" if r["paper"] is None else r["paper"]}
+        for r in summary["std_across_tags"]
+    ]
+    _print_table(rows, ["level", "channels", "std", "paper"])
+    loud = summary["loudness"]
+    print(
+        f"level {loud['level']} excitation vs loudness ({loud['measure']}): "
+        f"{loud['positive']} of {loud['channels']} channels rise, {loud['negative']} fall "
+        f"(paper: {summary['paper']['slope_counts']['positive']} positive / "
+        f"{summary['paper']['slope_counts']['negative']} negative of 128)"
+    )
+    print(f"  {loud['convention']}")
+    print(
+        f"wrote {out / 'excitations.npz'}, {out / 'summary.json'} and "
+        f"{len(figures)} figures to {out}"
+    )
+    return 0
+
+
+# --- data (issue 3) ----------------------------------------------------------------------
+
+
+def add_data_commands(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="prepare, inspect or synthesise datasets (segment stores)")
+    actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    p = actions.add_parser("prepare", help="decode a dataset into a segment store (resumable)")
+    p.add_argument("--dataset", required=True, choices=["mtat", "msd", "table"])
+    p.add_argument("--root", required=True, help="MTAT or MSD folder; the table file for 'table'")
+    p.add_argument("--out", required=True, help="store directory (rerun to resume)")
+    p.add_argument(
+        "--split-policy",
+        choices=["paper", "resemul"],
+        help="mtat/msd: 'paper' (default; Lee et al., >= 29.1 s) or 'resemul' (official code)",
+    )
+    p.add_argument("--workers", type=int, help="decoding processes (default: all CPU cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("audio (defaults = paper)")
+    g.add_argument("--sample-rate", type=int, default=22_050, help="Hz (22050)")
+    g.add_argument("--segment-length", type=int, default=59_049, help="samples (59049)")
+    g.add_argument("--segments-per-clip", type=int, default=10, help="(10)")
+    g.add_argument("--clip-duration", type=float, default=29.0, help="seconds decoded (29)")
+    g.add_argument(
+        "--min-duration", type=float, help="seconds a clip needs (paper policy 29.1; table: none)"
+    )
+    g = p.add_argument_group("mtat")
+    g.add_argument("--top-k", type=int, default=50, help="most frequent tags kept (50)")
+    g = p.add_argument_group("msd")
+    g.add_argument("--audio-dir", help="folder of the audio previews (default ROOT/audio)")
+    g = p.add_argument_group("table")
+    g.add_argument("--path-column", default="path", help="audio path column (path)")
+    g.add_argument("--id-column", help="clip id column (default: the path)")
+    g.add_argument("--split-column", default="split", help="split column, if present (split)")
+    g.add_argument("--tag-columns", help="comma-separated 0/1 tag columns (default: the rest)")
+    g.add_argument("--tags-column", help="column of tag lists such as 'rock;guitar'")
+    g.add_argument("--tag-separator", default=";", help="separator in --tags-column (;)")
+    g.add_argument("--fractions", default="0.8,0.1,0.1", help="random split train,valid,test")
+    g.add_argument("--seed", type=int, default=0, help="random split seed (0)")
+    p.set_defaults(func=_cmd_data_prepare)
+
+    p = actions.add_parser("info", help="summarise a segment store")
+    p.add_argument("store", help="store directory")
+    p.set_defaults(func=_cmd_data_info)
+
+    p = actions.add_parser("synth", help="write a synthetic MTAT-format dataset")
+    p.add_argument("--out", required=True, help="dataset folder (e.g. data/synth)")
+    p.add_argument("--clips", type=int, help="number of clips (default: the book's 512)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p.add_argument("--force", action="store_true", help="regenerate even if already complete")
+    p.set_defaults(func=_cmd_data_synth)
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from .prepare import prepare_store, store_summary
+    from .sources import read_source
+
+    options: dict = {}
+    if args.dataset == "table":
+        if args.split_policy is not None:
+            raise ValueError("--split-policy applies to --dataset mtat and msd only")
+        options = {
+            "path_column": args.path_column,
+            "id_column": args.id_column,
+            "split_column": args.split_column,
+            "tags_column": args.tags_column,
+            "tag_separator": args.tag_separator,
+            "fractions": [float(f) for f in args.fractions.split(",")],
+            "seed": args.seed,
+        }
+        if args.tag_columns:
+            options["tag_columns"] = [c.strip() for c in args.tag_columns.split(",")]
+    else:
+        options["split_policy"] = args.split_policy or "paper"
+        if args.dataset == "mtat":
+            options["top_k"] = args.top_k
+        elif args.audio_dir:
+            options["audio_dir"] = args.audio_dir
+    if args.min_duration is not None:
+        options["min_duration"] = args.min_duration
+    source = read_source(args.dataset, args.root, **options)
+    try:
+        store = prepare_store(
+            source,
+            args.out,
+            sample_rate=args.sample_rate,
+            segment_length=args.segment_length,
+            segments_per_clip=args.segments_per_clip,
+            clip_duration=args.clip_duration,
+            workers=args.workers,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
+    except KeyboardInterrupt:
+        print(f"interrupted; run the same command again to resume {args.out}", file=sys.stderr)
+        return 130
+    _print_store_summary(store_summary(store))
+    return 0
+
+
+def _print_store_summary(summary: dict) -> None:
+    print(f"store        {summary['path']}")
+    print(f"dataset      {summary['dataset']}  (resemul_core {summary['library_version']})")
+    print("params       " + ", ".join(f"{k}={v}" for k, v in summary["params"].items()))
+    label = f"tags ({len(summary['tags'])})"
+    print(f"{label:13}" + ", ".join(summary["tags"]))
+    size, unit = float(summary["size_bytes"]), "bytes"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    print(f"size         {size:,.1f} {unit} on disk")
+    print(f"fingerprint  {summary['fingerprint']}")
+    print()
+    _print_table(summary["splits"], ["split", "clips", "segments"])
+    skips = [{"reason": r, "clips": n} for r, n in sorted(summary["skips"].items())]
+    print()
+    if skips:
+        _print_table(skips, ["reason", "clips"])
+    else:
+        print("no input skipped")
+
+
+def _cmd_data_info(args: argparse.Namespace) -> int:
+    from .prepare import store_summary
+    from .store import open_store
+
+    _print_store_summary(store_summary(open_store(args.store)))
+    return 0
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from .synth import DEFAULT_NUM_CLIPS, ensure_dataset, generate_dataset
+
+    make = generate_dataset if args.force else ensure_dataset
+    summary = make(args.out, num_clips=args.clips or DEFAULT_NUM_CLIPS, seed=args.seed)
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+# --- training, evaluation, tagging (issue 4) ---------------------------------------------
+
+
+def add_train_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a variant on a segment store (resumable)")
+    p.add_argument("--variant", help="e.g. rese2-multi (see 'resemul models'); fresh runs only")
+    p.add_argument("--data", required=True, help="segment store directory")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, log.csv)")
+    p.add_argument(
+        "--profile",
+        help="paper | demo | tiny (default: paper for a fresh run, the saved one on --resume)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--max-steps", type=int, help="stop (resumably) after N steps of this call")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("overrides of the profile's settings")
+    g.add_argument("--seed", type=int, help="random seed")
+    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile")
+    g.add_argument("--no-autocast", action="store_true", help="fp32 on CUDA (default: bf16)")
+    g.add_argument("--workers", type=int, help="DataLoader worker processes")
+    g.add_argument("--checkpoint-every", type=int, help="steps between resume checkpoints")
+    g.add_argument("--lr", type=float, help="first stage's learning rate")
+    g.add_argument("--batch-size", type=int, help="segments per step")
+    g.add_argument("--stages", type=int, help="number of learning-rate stages")
+    g.add_argument("--max-epochs", type=int, help="epochs per stage at most")
+    g.add_argument("--steps-per-epoch", type=int, help="cap on optimizer steps per epoch")
+    g.add_argument("--val-segments", type=int, help="validate on the first N segments")
+    g.add_argument("--width", type=float, help="channel multiplier (1.0 = paper)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="clip-level ROC-AUC and PR-AUC of a trained model")
+    p.add_argument("checkpoint", help="run directory (its best.pt) or checkpoint file")
+    p.add_argument("--data", required=True, help="segment store directory")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--out", help="folder for metrics.json (default: the run directory)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--clips-per-batch", type=int, default=16, help="clips per forward pass")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--per-tag", action="store_true", help="also print every tag's scores")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("tag", help="tag audio files with a trained model")
+    p.add_argument("files", nargs="+", metavar="FILE", help="mp3, wav, flac or ogg files")
+    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
+    p.add_argument("--top-k", type=int, default=5, help="tags per file (0: all)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--all-segments",
+        action="store_true",
+        help="average over every segment of the file, not the first 10 (training's count)",
+    )
+    p.set_defaults(func=_cmd_tag)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .train import PROFILES, TrainingDiverged, saved_train_config, train
+
+    overrides = {
+        "seed": args.seed,
+        "device": args.device,
+        "compile": args.compile,
+        "autocast": False if args.no_autocast else None,
+        "num_workers": args.workers,
+        "checkpoint_every": args.checkpoint_every,
+        "learning_rate": args.lr,
+        "batch_size": args.batch_size,
+        "num_stages": args.stages,
+        "max_epochs_per_stage": args.max_epochs,
+        "max_steps_per_epoch": args.steps_per_epoch,
+        "val_segments": args.val_segments,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    model_options = {"width": args.width} if args.width is not None else {}
+    if args.profile is not None and args.profile not in PROFILES:
+        raise ValueError(f"unknown profile {args.profile!r}; valid: {', '.join(PROFILES)}")
+    if args.resume and args.profile is None:
+        config = dataclasses.replace(saved_train_config(args.out), **overrides)
+    else:
+        profile = PROFILES[args.profile or "paper"]
+        config = dataclasses.replace(profile.config, **overrides)
+        if not args.resume:
+            model_options = {**profile.model, **model_options}
+    if not args.resume and args.variant is None:
+        raise ValueError("--variant is required for a fresh run")
+    try:
+        result = train(
+            args.data,
+            args.out,
+            variant=args.variant,
+            config=config,
+            model_options=model_options,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            max_steps=args.max_steps,
+            progress=not args.no_progress,
+        )
+    except (FileExistsError, TrainingDiverged) as err:
+        print(f"resemul train: error: {err}", file=sys.stderr)
+        return 1
+    state = "finished" if result.finished else "stopped (continue with --resume)"
+    print(f"run          {result.run_dir}  ({state})")
+    print(f"model        {result.best_checkpoint}")
+    print(f"val loss     {result.best_val_loss:.4f}")
+    print(f"epochs       {result.epochs}  ({result.global_step:,} steps)")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .evaluate import evaluate_checkpoint, write_metrics
+
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        split=args.split,
+        device=args.device,
+        clips_per_batch=args.clips_per_batch,
+        num_workers=args.workers,
+        progress=not args.no_progress,
+    )
+    target = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (target if target.is_dir() else target.parent)
+    path = write_metrics(result, out)
+    print(f"checkpoint   {result['checkpoint']}  ({result['variant']})")
+    print(f"data         {result['store']}  split {result['split']}, {result['num_clips']:,} clips")
+    roc, pr = ("n/a" if result[k] is None else f"{result[k]:.4f}" for k in ("roc_auc", "pr_auc"))
+    print(f"ROC-AUC      {roc}  (macro over {result['num_tags_scored']} tags)")
+    print(f"PR-AUC       {pr}")
+    if result["excluded_tags"]:
+        print("excluded     " + ", ".join(result["excluded_tags"]) + "  (no positive/negative)")
+    print(f"written      {path}")
+    if args.per_tag:
+        rows = [{"tag": tag, **values} for tag, values in result["per_tag"].items()]
+        print()
+        _print_table(rows, ["tag", "positives", "roc_auc", "pr_auc"])
+    return 0
+
+
+def _cmd_tag(args: argparse.Namespace) -> int:
+    import json
+
+    from .audio import AudioDecodeError
+    from .tagger import Tagger
+
+    if args.top_k < 0:
+        raise ValueError("--top-k must be >= 0")
+    segments = None if args.all_segments else "checkpoint"
+    tagger = Tagger.from_checkpoint(args.checkpoint, device=args.device, segments_per_clip=segments)
+    top_k = args.top_k or None
+    results, failed = [], 0
+    for file in args.files:
+        try:
+            tags = tagger.tag(file, top_k=top_k)
+        except (AudioDecodeError, FileNotFoundError) as err:
+            print(f"resemul tag: error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        results.append({"file": file, "tags": [{"tag": t, "probability": p} for t, p in tags]})
+        if not args.json:
+            print(file)
+            width = max(len(t) for t, _ in tags)
+            for tag, prob in tags:
+                print(f"  {tag.ljust(width)}  {prob:.3f}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 1 if failed else 0
+
+
+# --- Keras import (issue 8) ------------------------------------------------------------
+
+
+def add_keras_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import-keras",
+        help="convert the authors' released Keras HDF5 model into a checkpoint",
+        description="Load a Keras 2.0.5 model.save / save_weights HDF5 file of the official "
+        "code into one of our variants and save it as a checkpoint with the MTAT top-50 tags "
+        "in the official order. The released files are se-multi-auc_0.9111-tfrmodel.hdf5 "
+        "(--variant se-multi) and rese-multi-auc_0.9113-tfrmodel.hdf5 (--variant rese2-multi).",
+    )
+    p.add_argument("file", metavar="FILE.hdf5", help="the Keras HDF5 file")
+    p.add_argument("--variant", required=True, help="the variant the file holds, e.g. se-multi")
+    p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint to write")
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = paper)")
+    p.add_argument("--alpha", type=float, default=16.0, help="SE expansion ratio (16 = paper)")
+    p.add_argument("--num-blocks", type=int, default=9, help="blocks (9 = paper, 59049 samples)")
+    p.set_defaults(func=_cmd_import_keras)
+
+
+def _cmd_import_keras(args: argparse.Namespace) -> int:
+    from .keras_import import convert_keras_checkpoint
+
+    out = convert_keras_checkpoint(
+        args.file,
+        args.out,
+        variant=args.variant,
+        width=args.width,
+        alpha=args.alpha,
+        num_blocks=args.num_blocks,
+    )
+    print(f"wrote {out}: {args.variant} from {args.file} (tags: MTAT top 50, official order)")
+    return 0
+
+
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_model_commands,
+    add_excitation_commands,
+    add_data_commands,
+    add_train_commands,
+    add_keras_commands,
 ]
 
 

@@ -73,6 +73,7 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import io
+import json
 import logging
 import math
 import multiprocessing
@@ -87,9 +88,12 @@ import numpy as np
 import soundfile as sf
 from tqdm.auto import tqdm
 
-from .files import atomic_write, write_text
+from .files import atomic_write, write_json, write_text
 
-__all__ = ["DEFAULT_NUM_CLIPS", "SYNTH_TAGS", "generate_dataset"]
+__all__ = ["DEFAULT_NUM_CLIPS", "SYNTH_TAGS", "PARAMS_FILE", "ensure_dataset", "generate_dataset"]
+
+#: Written next to the CSV: the parameters and summary of the run that made the folder.
+PARAMS_FILE = "synth.json"
 
 logger = logging.getLogger(__name__)
 
@@ -681,7 +685,6 @@ def generate_dataset(
         if stale not in wanted:
             stale.unlink()
             logger.info("removed %s, not part of this dataset", stale)
-    write_text(csv_path, _annotations(clips))
     levels = [rms for _, rms, _ in results]
     splits = {"train": 0, "valid": 0, "test": 0}
     tag_counts = dict.fromkeys(SYNTH_TAGS, 0)
@@ -698,5 +701,55 @@ def generate_dataset(
         "peak": round(max(peak for _, _, peak in results), 4),
         "seconds": round(time.perf_counter() - started, 2),
     }
+    params = {
+        "num_clips": num_clips,
+        "seed": seed,
+        "sample_rate": sample_rate,
+        "duration": duration,
+    }
+    write_json(root / PARAMS_FILE, {"params": params, "summary": summary})
+    write_text(csv_path, _annotations(clips))  # last: its presence marks a complete dataset
     logger.info("wrote %d clips (%s) in %.1f s", num_clips, splits, summary["seconds"])
     return summary
+
+
+def ensure_dataset(
+    out: str | os.PathLike,
+    *,
+    num_clips: int = DEFAULT_NUM_CLIPS,
+    seed: int = 0,
+    sample_rate: int = 16000,
+    duration: float = 29.1,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """:func:`generate_dataset`, unless ``out`` already holds a complete dataset made with the
+    same parameters; then its saved summary is returned with ``"reused": True``."""
+    root = Path(out)
+    params = {
+        "num_clips": num_clips,
+        "seed": seed,
+        "sample_rate": sample_rate,
+        "duration": duration,
+    }
+    saved = root / PARAMS_FILE
+    if (root / "annotations_final.csv").is_file() and saved.is_file():
+        try:
+            record = json.loads(saved.read_text())
+        except (OSError, json.JSONDecodeError):
+            record = {}
+        if record.get("params") == params:
+            logger.info("%s already holds this synthetic dataset; not regenerating", root)
+            return {**record["summary"], "reused": True}
+    return {
+        **generate_dataset(
+            root,
+            num_clips=num_clips,
+            seed=seed,
+            sample_rate=sample_rate,
+            duration=duration,
+            workers=workers,
+            progress=progress,
+        ),
+        "reused": False,
+    }

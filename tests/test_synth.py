@@ -12,7 +12,13 @@ import pytest
 import soundfile as sf
 
 from resemul_core import synth
-from resemul_core.synth import DEFAULT_NUM_CLIPS, SYNTH_TAGS, generate_dataset
+from resemul_core.synth import (
+    DEFAULT_NUM_CLIPS,
+    PARAMS_FILE,
+    SYNTH_TAGS,
+    ensure_dataset,
+    generate_dataset,
+)
 from resemul_core.tags import MTAT_TOP50_TAGS
 
 NAME = re.compile(r"^[0-9a-f]/synthetic_artist_\d{3}-synthetic_album-\d{2}-track-0-29\.mp3$")
@@ -101,9 +107,25 @@ def test_same_seed_same_bytes_whatever_the_workers_and_other_seed_differs(tmp_pa
     generate_dataset(tmp_path / "b", seed=7, workers=2, **kwargs)
     generate_dataset(tmp_path / "c", seed=8, workers=1, **kwargs)
     a, b, c = (_files(tmp_path / x) for x in "abc")
+    for files in (a, b, c):
+        files.pop(PARAMS_FILE)  # records the wall time taken, so it differs between runs
     assert len(a) == 7 and a == b  # CSV + 6 mp3s, byte for byte
     assert a["annotations_final.csv"] != c["annotations_final.csv"]
     assert not set(a.values()) & set(c.values())
+
+
+def test_ensure_dataset_reuses_a_complete_dataset_with_the_same_parameters(tmp_path):
+    kwargs = {"num_clips": 4, "duration": 1.0, "workers": 1, "progress": False}
+    first = ensure_dataset(tmp_path, seed=1, **kwargs)
+    stamp = (tmp_path / "annotations_final.csv").stat().st_mtime_ns
+    again = ensure_dataset(tmp_path, seed=1, **kwargs)
+    assert (first["reused"], again["reused"]) == (False, True)
+    assert again["tags"] == first["tags"]
+    assert (tmp_path / "annotations_final.csv").stat().st_mtime_ns == stamp
+    other = ensure_dataset(tmp_path, seed=2, **kwargs)  # different parameters: regenerated
+    assert other["reused"] is False
+    (tmp_path / "annotations_final.csv").unlink()  # incomplete folder: regenerated
+    assert ensure_dataset(tmp_path, seed=2, **kwargs)["reused"] is False
 
 
 def test_regenerating_removes_clips_of_a_larger_earlier_run(tmp_path):

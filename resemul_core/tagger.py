@@ -1,0 +1,170 @@
+"""Tag audio files with a trained model: decode, cut into segments, average the predictions.
+
+Public: :class:`Tagger`.
+
+New audio goes through exactly the path the training data went through
+(:func:`~resemul_core.audio.load_audio` then :func:`~resemul_core.audio.segment_waveform`),
+with the sample rate, segment length and segments per clip recorded in the checkpoint, and
+the clip-level prediction is the mean of the segments' sigmoid outputs (SPEC §3, test protocol).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .audio import SAMPLE_RATE, SEGMENTS_PER_CLIP, load_audio, segment_waveform
+from .checkpoint import load_checkpoint
+from .model import SampleCNN
+from .train import select_device
+
+__all__ = ["Tagger"]
+
+logger = logging.getLogger(__name__)
+
+
+class Tagger:
+    """Predict tag probabilities for audio files or waveforms of any length.
+
+    Args:
+        model: a trained :class:`~resemul_core.model.SampleCNN`.
+        tags: its ``num_tags`` tag names, in output order.
+        sample_rate: Hz the model was trained at (audio is resampled to it).
+        segments_per_clip: segments taken from the start of the audio, as in preprocessing
+            (10 for MTAT); ``None`` uses every whole segment of the file.
+        duration: seconds decoded from the start of a file; ``None`` decodes what
+            ``segments_per_clip`` needs (the whole file if that is ``None``).
+        device: where to run the model.
+        batch_size: segments per forward pass.
+
+    Note:
+        Audio shorter than one segment (2.68 s at the paper's settings) is zero-padded to one
+        segment; the official pipeline would have skipped such a clip. The tail after the last
+        whole segment is ignored, as in preprocessing.
+    """
+
+    def __init__(
+        self,
+        model: SampleCNN,
+        tags: Sequence[str],
+        *,
+        sample_rate: int = SAMPLE_RATE,
+        segments_per_clip: int | None = SEGMENTS_PER_CLIP,
+        duration: float | None = None,
+        device: torch.device | str = "cpu",
+        batch_size: int = 32,
+    ) -> None:
+        if len(tags) != model.config.num_tags:
+            raise ValueError(
+                f"{len(tags)} tag names for a model with {model.config.num_tags} outputs"
+            )
+        if segments_per_clip is not None and segments_per_clip < 1:
+            raise ValueError(f"segments_per_clip must be >= 1 or None, got {segments_per_clip}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tags = list(tags)
+        self.sample_rate = int(sample_rate)
+        self.segment_length = model.config.segment_length
+        self.segments_per_clip = segments_per_clip
+        if duration is None and segments_per_clip is not None:
+            # whole milliseconds, rounded up, so the decoded audio holds every needed sample
+            needed = segments_per_clip * self.segment_length / self.sample_rate
+            duration = math.ceil(needed * 1000) / 1000
+        self.duration = duration
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str = "auto",
+        segments_per_clip: int | None | Literal["checkpoint"] = "checkpoint",
+        batch_size: int = 32,
+    ) -> Tagger:
+        """A tagger for a checkpoint file or run directory, cutting audio as its store did.
+
+        Args:
+            path: a checkpoint or a run directory (its ``best.pt``).
+            device: "auto" (CUDA if present), "cpu", "cuda", ...
+            segments_per_clip: ``"checkpoint"`` (the training store's value), an int, or
+                ``None`` for every whole segment.
+
+        Note:
+            Checkpoints without audio settings (not written by
+            :func:`~resemul_core.train.train`) get the paper's: 22,050 Hz, 10 segments.
+        """
+        torch_device = select_device(device)
+        model, payload = load_checkpoint(path, map_location=torch_device)
+        audio = payload.get("audio") or {}
+        tags = payload.get("tags") or [f"tag{i}" for i in range(model.config.num_tags)]
+        if segments_per_clip == "checkpoint":
+            segments_per_clip = audio.get("segments_per_clip", SEGMENTS_PER_CLIP)
+        return cls(
+            model,
+            tags,
+            sample_rate=audio.get("sample_rate", SAMPLE_RATE),
+            segments_per_clip=segments_per_clip,
+            duration=audio.get("duration"),
+            device=torch_device,
+            batch_size=batch_size,
+        )
+
+    def segments(self, audio: str | os.PathLike | np.ndarray | torch.Tensor) -> np.ndarray:
+        """The model inputs for some audio: ``(num_segments, segment_length)`` float32.
+
+        Args:
+            audio: a file path (mp3, wav, flac, ogg; any rate, mono or multichannel), or a
+                waveform at :attr:`sample_rate` in [-1, 1]: ``(samples,)`` or
+                ``(channels, samples)`` (channels are averaged).
+        """
+        if isinstance(audio, (str, os.PathLike)):
+            waveform = load_audio(Path(audio), sample_rate=self.sample_rate, duration=self.duration)
+        else:
+            waveform = np.asarray(audio, dtype=np.float32)
+            if waveform.ndim == 2:
+                if waveform.shape[0] > waveform.shape[1]:
+                    raise ValueError(
+                        f"expected a waveform of shape (channels, samples), found {waveform.shape}"
+                    )
+                waveform = waveform.mean(axis=0)
+            if waveform.ndim != 1 or waveform.size == 0:
+                raise ValueError(
+                    f"expected a non-empty waveform (samples,) or (channels, samples), "
+                    f"found shape {waveform.shape}"
+                )
+        return segment_waveform(
+            waveform,
+            segment_length=self.segment_length,
+            max_segments=self.segments_per_clip,
+            pad=True,
+        )
+
+    @torch.no_grad()
+    def predict(self, audio: str | os.PathLike | np.ndarray | torch.Tensor) -> np.ndarray:
+        """Tag probabilities of some audio: ``(num_tags,)`` float32, the mean over its segments
+        of the sigmoid outputs. ``audio`` as in :meth:`segments`."""
+        segments = torch.from_numpy(self.segments(audio))  # S, L
+        probs = []
+        for batch in torch.split(segments, self.batch_size):
+            logits = self.model(batch.to(self.device))  # s, T
+            probs.append(torch.sigmoid(logits.float()).cpu())
+        return torch.cat(probs).mean(dim=0).numpy()  # T
+
+    def tag(
+        self, audio: str | os.PathLike | np.ndarray | torch.Tensor, *, top_k: int | None = 5
+    ) -> list[tuple[str, float]]:
+        """The ``top_k`` most probable tags (all for ``None``) as ``(tag, probability)`` pairs,
+        most probable first. ``audio`` as in :meth:`segments`."""
+        probs = self.predict(audio)
+        order = np.argsort(-probs, kind="stable")
+        if top_k is not None:
+            order = order[:top_k]
+        return [(self.tags[k], float(probs[k])) for k in order]

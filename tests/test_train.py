@@ -1,0 +1,470 @@
+"""Tests of resemul_core.train: schedule logic, learning, exact resume, checkpoint safety."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import resemul_core.train as train_mod
+from resemul_core.checkpoint import CheckpointError, read_checkpoint
+from resemul_core.cli import main as cli_main
+from resemul_core.evaluate import evaluate_checkpoint
+from resemul_core.store import write_store_from_arrays
+from resemul_core.train import (
+    PROFILES,
+    RUNTIME_FIELDS,
+    StageState,
+    TrainConfig,
+    TrainingDiverged,
+    decayed_learning_rate,
+    epoch_batches,
+    stage_learning_rate,
+    steps_per_epoch,
+    train,
+    update_stage,
+)
+
+TINY = PROFILES["tiny"]
+LENGTH = 3**5  # segment length of a 4-block model
+TAGS = ["low tone", "high tone", "noise"]
+
+
+def make_toy_store(path: Path, *, clips=(48, 16, 16), segments: int = 4, seed: int = 0):
+    """A learnable toy task: tags = a 700 Hz tone, a 5.5 kHz tone, loud white noise."""
+    rng = np.random.default_rng(seed)
+    n = sum(clips)
+    labels = rng.integers(0, 2, (n, len(TAGS)))
+    t = np.arange(segments * LENGTH) / 22_050
+    waveforms = []
+    for lab in labels:
+        x = 0.02 * rng.standard_normal(t.size)
+        if lab[0]:
+            x += 0.4 * np.sin(2 * np.pi * 700 * t + rng.uniform(0, 2 * np.pi))
+        if lab[1]:
+            x += 0.4 * np.sin(2 * np.pi * 5500 * t + rng.uniform(0, 2 * np.pi))
+        if lab[2]:
+            x += 0.3 * rng.standard_normal(t.size)
+        waveforms.append(np.clip(x, -1, 1).reshape(segments, LENGTH).astype(np.float32))
+    splits = ["train"] * clips[0] + ["valid"] * clips[1] + ["test"] * clips[2]
+    return write_store_from_arrays(
+        path, waveforms=waveforms, labels=labels, splits=splits, tags=TAGS
+    )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_toy_store(tmp_path_factory.mktemp("data") / "toy")
+
+
+def read_log(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "log.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# --- pure schedule functions ----------------------------------------------------------------
+
+
+def test_update_stage_stops_at_third_epoch_without_improvement():
+    state = StageState()
+    outcomes = []
+    for epoch, loss in enumerate([1.0, 0.8, 0.8, 0.9, 0.7, 0.75, 0.71, 0.72]):
+        state, improved, over = update_stage(state, loss, epoch=epoch, patience=2, max_epochs=100)
+        outcomes.append((improved, over))
+    # an equal loss is no improvement (min_delta 0); improvement at epoch 4 resets the count
+    assert outcomes == [
+        (True, False),
+        (True, False),
+        (False, False),
+        (False, False),
+        (True, False),
+        (False, False),
+        (False, False),
+        (False, True),
+    ]
+    assert (state.best_loss, state.best_epoch, state.epochs) == (0.7, 4, 8)
+
+
+def test_update_stage_patience_zero_and_epoch_cap():
+    state, improved, over = update_stage(StageState(), 1.0, epoch=0, patience=0, max_epochs=9)
+    assert improved and not over
+    # Keras checks wait >= patience before incrementing: patience 0 stops at the first bad epoch
+    assert update_stage(state, 2.0, epoch=1, patience=0, max_epochs=9).stage_over
+    capped = update_stage(StageState(epochs=2), 0.5, epoch=7, patience=2, max_epochs=3)
+    assert capped.improved and capped.stage_over
+
+
+def test_update_stage_nan_never_improves():
+    state = StageState(best_loss=1.0, best_epoch=0, epochs=1)
+    assert not update_stage(state, math.nan, epoch=1, patience=2, max_epochs=100).improved
+
+
+def test_learning_rates_follow_the_paper():
+    config = TrainConfig()
+    lrs = [stage_learning_rate(config, s) for s in range(config.num_stages)]
+    assert lrs == pytest.approx([0.01, 0.002, 4e-4, 8e-5, 1.6e-5])
+    assert decayed_learning_rate(0.01, 0, decay=1e-6) == 0.01
+    assert decayed_learning_rate(0.01, 1_000_000, decay=1e-6) == pytest.approx(0.005)
+    assert steps_per_epoch(152_500, config) == 6_631  # MTAT, SPEC §3
+    assert steps_per_epoch(152_500, dataclasses.replace(config, max_steps_per_epoch=60)) == 60
+
+
+def test_epoch_batches_reproducible_full_and_covering():
+    a = epoch_batches(100, batch_size=23, num_steps=5, seed=3, epoch=7)
+    assert a.shape == (5, 23)
+    assert np.array_equal(a, epoch_batches(100, batch_size=23, num_steps=5, seed=3, epoch=7))
+    assert not np.array_equal(a, epoch_batches(100, batch_size=23, num_steps=5, seed=3, epoch=8))
+    assert sorted(a.ravel()[:100]) == list(range(100))  # one permutation ...
+    assert np.array_equal(a.ravel()[100:], a.ravel()[:15])  # ... whose start fills the last batch
+    small = epoch_batches(10, batch_size=23, num_steps=2, seed=0, epoch=0)
+    assert set(small.ravel()) == set(range(10))
+
+
+def test_profiles_change_sizes_not_the_algorithm():
+    algorithm = ("learning_rate", "lr_factor", "momentum", "nesterov", "lr_decay", "patience")
+    algorithm += ("weight_decay", "batch_size")
+    paper = PROFILES["paper"].config
+    assert paper.num_stages == 5 and paper.max_epochs_per_stage == 100
+    assert paper.max_steps_per_epoch is None and PROFILES["paper"].model == {"width": 1.0}
+    for profile in PROFILES.values():
+        for name in algorithm:
+            assert getattr(profile.config, name) == getattr(paper, name), (profile.name, name)
+        # sizes, and for the short runs the BN averaging horizon (see Profile's Note)
+        assert set(profile.model) <= {"width", "bn_momentum"}
+    assert "device" in RUNTIME_FIELDS and "learning_rate" not in RUNTIME_FIELDS
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+def test_tiny_model_learns_the_toy_task(store, tmp_path):
+    config = dataclasses.replace(
+        TINY.config, num_stages=1, max_epochs_per_stage=4, max_steps_per_epoch=None
+    )
+    result = train(
+        store,
+        tmp_path / "run",
+        variant="basic",
+        config=config,
+        model_options=TINY.model,
+        progress=False,
+    )
+    log = read_log(tmp_path / "run")
+    assert result.finished and len(log) == 4
+    assert float(log[-1]["train_loss"]) < 0.8 * float(log[0]["train_loss"])
+    metrics = evaluate_checkpoint(result.run_dir, store, device="cpu", progress=False)
+    assert metrics["roc_auc"] > 0.8
+
+
+def test_stages_restart_from_the_best_weights(store, tmp_path, monkeypatch):
+    scripted = iter(
+        [1.0, 0.8, 0.9, 0.85, 0.95] + [0.7, 0.6, 0.65, 0.6, 0.61] + [0.5, 0.55, 0.6, 0.6]
+    )
+    after_epoch: list[dict] = []  # weights the validation saw, per epoch
+    at_stage_start: list[tuple[int, dict]] = []
+
+    def fake_validation(model, *args, **kwargs):
+        after_epoch.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(scripted)
+
+    real_build = train_mod.build_optimizer
+
+    def spy_build(model, config, *, stage):
+        at_stage_start.append((stage, {k: v.clone() for k, v in model.state_dict().items()}))
+        return real_build(model, config, stage=stage)
+
+    monkeypatch.setattr(train_mod, "validation_loss", fake_validation)
+    monkeypatch.setattr(train_mod, "build_optimizer", spy_build)
+    config = dataclasses.replace(
+        TINY.config, num_stages=3, max_epochs_per_stage=100, max_steps_per_epoch=2
+    )
+    run = tmp_path / "run"
+    result = train(
+        store, run, variant="res2", config=config, model_options=TINY.model, progress=False
+    )
+    log = read_log(run)
+    assert [int(r["stage"]) for r in log] == [0] * 5 + [1] * 5 + [2] * 4
+    assert [int(r["improved"]) for r in log] == [1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0]
+    assert [float(log[e]["lr"]) for e in (0, 5, 10)] == pytest.approx([0.01, 0.002, 4e-4], 1e-4)
+    assert result.finished and result.epochs == 14 and result.best_val_loss == 0.5
+    assert [s for s, _ in at_stage_start] == [0, 1, 2]
+    assert_same_tensors(at_stage_start[1][1], after_epoch[1])  # stage 0's best epoch
+    assert_same_tensors(at_stage_start[2][1], after_epoch[6])  # stage 1's best epoch
+    best = read_checkpoint(run / "best.pt")
+    assert (best["stage"], best["epoch"], best["val_loss"]) == (2, 10, 0.5)
+    assert_same_tensors(best["model_state"], after_epoch[10])
+
+
+def test_nan_loss_stops_naming_the_step(store, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = train_mod.bce_loss
+
+    def poisoned(logits, targets):
+        calls["n"] += 1
+        loss = real_loss(logits, targets)
+        return loss * math.nan if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(train_mod, "bce_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="global step 3 "):
+        train(
+            store,
+            tmp_path / "run",
+            variant="basic",
+            config=TINY.config,
+            model_options=TINY.model,
+            progress=False,
+        )
+
+
+# --- checkpoints and resume -------------------------------------------------------------------
+
+RESUME_CONFIG = dataclasses.replace(
+    TINY.config, num_stages=2, max_epochs_per_stage=2, max_steps_per_epoch=4, checkpoint_every=3
+)
+
+
+@pytest.fixture(scope="module")
+def reference_run(store, tmp_path_factory):
+    """An uninterrupted run with dropout in the blocks and the head."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    train(
+        store,
+        run,
+        variant="res2-multi",
+        config=RESUME_CONFIG,
+        model_options=TINY.model,
+        progress=False,
+    )
+    return run
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    for name in ("best.pt", "last.pt"):
+        got, want = read_checkpoint(run / name), read_checkpoint(reference / name)
+        assert_same_tensors(got["model_state"], want["model_state"])
+    got = read_checkpoint(run / "last.pt")["optimizer_state"]["state"]
+    want = read_checkpoint(reference / "last.pt")["optimizer_state"]["state"]
+    for k in want:
+        assert torch.equal(got[k]["momentum_buffer"], want[k]["momentum_buffer"])
+    columns = ("epoch", "stage", "train_loss", "val_loss", "improved", "global_step")
+    assert [[r[c] for c in columns] for r in read_log(run)] == [
+        [r[c] for c in columns] for r in read_log(reference)
+    ]
+
+
+def test_stop_and_resume_gives_identical_weights(store, tmp_path, reference_run):
+    run = tmp_path / "run"
+    first = train(
+        store,
+        run,
+        variant="res2-multi",
+        config=RESUME_CONFIG,
+        model_options=TINY.model,
+        max_steps=5,
+        progress=False,
+    )
+    assert not first.finished and first.global_step == 5
+    saved = torch.load(run / "last.pt", weights_only=True)
+    assert saved["progress"]["epoch"] == 1 and saved["progress"]["step"] == 1
+    assert isinstance(saved["rng"]["numpy"][1], list)
+    train(store, run, resume=True, max_steps=6, progress=False)  # stops within stage 1
+    final = train(store, run, resume=True, progress=False)
+    assert final.finished and final.global_step == 16
+    assert_same_run(run, reference_run)
+    again = train(store, run, resume=True, progress=False)  # a finished run stays finished
+    assert again.finished and again.global_step == 16
+
+
+def test_sigkill_then_resume_gives_identical_weights(store, tmp_path, reference_run):
+    run = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "resemul_core.cli",
+        "train",
+        "--variant",
+        "res2-multi",
+        "--data",
+        str(store.path),
+        "--out",
+        str(run),
+        "--profile",
+        "tiny",
+        "--stages",
+        "2",
+        "--max-epochs",
+        "2",
+        "--steps-per-epoch",
+        "4",
+        "--checkpoint-every",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if (run / "last.pt").exists():
+                with_steps = read_checkpoint(run / "last.pt")["progress"]["global_step"]
+                if with_steps >= 3:
+                    break
+            assert process.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    killed_at = read_checkpoint(run / "last.pt")["progress"]["global_step"]
+    assert 3 <= killed_at < 16
+    train(store, run, config=RESUME_CONFIG, resume=True, progress=False)
+    assert_same_run(run, reference_run)
+
+
+def test_corrupted_checkpoint_is_refused_and_kept(store, tmp_path):
+    run = tmp_path / "run"
+    train(
+        store,
+        run,
+        variant="basic",
+        config=RESUME_CONFIG,
+        model_options=TINY.model,
+        max_steps=6,
+        progress=False,
+    )
+    best_bytes = (run / "best.pt").read_bytes()
+    corrupt = (run / "last.pt").read_bytes()[:1000]
+    (run / "last.pt").write_bytes(corrupt)
+    with pytest.raises(CheckpointError, match="last.pt"):
+        train(store, run, resume=True, progress=False)
+    assert (run / "last.pt").read_bytes() == corrupt
+    assert (run / "best.pt").read_bytes() == best_bytes
+
+
+def test_mismatched_resume_is_refused(store, tmp_path):
+    run = tmp_path / "run"
+    train(
+        store,
+        run,
+        variant="basic",
+        config=RESUME_CONFIG,
+        model_options=TINY.model,
+        max_steps=2,
+        progress=False,
+    )
+    before = (run / "last.pt").read_bytes()
+    other = make_toy_store(tmp_path / "other", seed=1)
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        train(other, run, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="learning_rate"):
+        train(
+            store,
+            run,
+            config=dataclasses.replace(RESUME_CONFIG, learning_rate=0.1),
+            resume=True,
+            progress=False,
+        )
+    with pytest.raises(CheckpointError, match="'se'"):
+        train(store, run, variant="se", resume=True, progress=False)
+    assert (run / "last.pt").read_bytes() == before
+    # runtime fields may change on resume
+    runtime = dataclasses.replace(RESUME_CONFIG, checkpoint_every=2, device="cpu")
+    assert train(store, run, config=runtime, resume=True, progress=False).finished
+
+
+def test_fresh_run_refuses_an_existing_run(store, tmp_path):
+    run = tmp_path / "run"
+    train(
+        store,
+        run,
+        variant="basic",
+        config=RESUME_CONFIG,
+        model_options=TINY.model,
+        max_steps=1,
+        progress=False,
+    )
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(store, run, variant="basic", config=RESUME_CONFIG, model_options=TINY.model)
+    result = train(
+        store,
+        run,
+        variant="basic",
+        config=RESUME_CONFIG,
+        model_options=TINY.model,
+        overwrite=True,
+        max_steps=1,
+        progress=False,
+    )
+    assert result.global_step == 1
+
+
+def test_segment_length_must_match_the_model(store, tmp_path):
+    with pytest.raises(ValueError, match="243 samples"):
+        train(
+            store,
+            tmp_path / "run",
+            variant="basic",
+            config=TINY.config,
+            model_options={"num_blocks": 5},
+        )
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoints_carry_what_inference_needs(store, tmp_path):
+    run = tmp_path / "run"
+    train(
+        store,
+        run,
+        variant="se-multi",
+        config=RESUME_CONFIG,
+        model_options=TINY.model,
+        max_steps=5,
+        progress=False,
+    )
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["tags"] == TAGS and best["variant"] == "se-multi"
+    assert best["store_fingerprint"] == store.fingerprint
+    assert best["audio"]["segment_length"] == LENGTH and best["audio"]["segments_per_clip"] == 4
+    assert TrainConfig.from_dict(best["train_config"]) == RESUME_CONFIG
+
+
+def test_cli_train_resume_and_refusal(store, tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["train", "--data", str(store.path), "--out", str(run), "--no-progress"]
+    fresh = base + ["--variant", "basic", "--profile", "tiny", "--device", "cpu"]
+    assert cli_main(fresh + ["--max-steps", "3"]) == 0
+    assert "continue with --resume" in capsys.readouterr().out
+    assert cli_main(fresh) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert cli_main(base + ["--resume", "--checkpoint-every", "2"]) == 0
+    assert "finished" in capsys.readouterr().out
+    assert read_checkpoint(run / "last.pt")["progress"]["done"]
+
+
+def test_a_store_without_validation_segments_is_refused(tmp_path):
+    no_valid = make_toy_store(tmp_path / "store", clips=(4, 0, 2))
+    with pytest.raises(ValueError, match="'valid' split"):
+        train(no_valid, tmp_path / "run", variant="basic", config=TINY.config)
+    assert not (tmp_path / "run").exists()
