@@ -6,6 +6,24 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
+# `make book` settings; the defaults build the offline demo on the synthetic dataset.
+PROFILE      ?= demo
+DATASET      ?= synth
+MTAT_ROOT    ?=
+VARIANTS     ?= basic basic-multi se se-multi res1 res1-multi res2 res2-multi rese1 rese1-multi rese2 rese2-multi
+DEVICE       ?= auto
+SPLIT_POLICY ?= paper
+EXCITATION_VARIANT ?= se-multi
+
+STORE := data/$(DATASET)-store
+RUNS  := runs/$(PROFILE)-$(DATASET)
+NB    := book/notebooks
+EXE   := book/executed
+# papermill runs every notebook from book/notebooks, so paths passed to it start with ../..
+UP    := ../..
+ROOT_PARAM := $(if $(filter mtat,$(DATASET)),$(abspath $(MTAT_ROOT)),$(UP)/data/$(DATASET))
+PAPERMILL  := $(BIN)/papermill --cwd $(NB) --no-progress-bar
+
 .PHONY: install test lint book bench clean
 
 install: $(STAMP)
@@ -25,8 +43,37 @@ lint: $(STAMP)
 	$(BIN)/ruff check resemul_core tests bench
 	$(BIN)/ruff format --check resemul_core tests bench
 
+# Every step skips work already done: the dataset and store are reused, finished training runs
+# are not repeated and interrupted ones resume. Any failing cell or Sphinx warning fails the target.
 book: $(STAMP)
-	@echo "make book: the notebooks arrive with issue 6" && exit 1
+	@if [ "$(DATASET)" = mtat ] && [ -z "$(MTAT_ROOT)" ]; then \
+		echo "make book: DATASET=mtat needs MTAT_ROOT=/path/to/MagnaTagATune"; exit 2; fi
+	@mkdir -p $(EXE)/train
+	@echo "== data: $(DATASET) -> $(STORE)"
+	@$(PAPERMILL) $(NB)/01_data.ipynb $(EXE)/01_data.ipynb -p dataset $(DATASET) \
+		-p root "$(ROOT_PARAM)" -p store_dir $(UP)/$(STORE) -p split_policy $(SPLIT_POLICY) \
+		|| { echo "make book: notebook 01_data.ipynb failed (see $(EXE)/01_data.ipynb)"; exit 1; }
+	@for v in $(VARIANTS); do \
+		echo "== training $$v (profile $(PROFILE)) -> $(RUNS)/$$v"; \
+		$(PAPERMILL) $(NB)/02_train.ipynb $(EXE)/train/$$v.ipynb -p variant $$v \
+			-p profile $(PROFILE) -p data $(UP)/$(STORE) -p device $(DEVICE) -p out $(UP)/$(RUNS)/$$v \
+		|| { echo "make book: notebook 02_train.ipynb failed for $$v (see $(EXE)/train/$$v.ipynb)"; exit 1; }; \
+	done
+	@echo "== evaluation of $(RUNS)"
+	@$(PAPERMILL) $(NB)/03_evaluate.ipynb $(EXE)/03_evaluate.ipynb -p runs $(UP)/$(RUNS) \
+		-p data $(UP)/$(STORE) -p variants "$(VARIANTS)" -p device $(DEVICE) \
+		|| { echo "make book: notebook 03_evaluate.ipynb failed (see $(EXE)/03_evaluate.ipynb)"; exit 1; }
+	@echo "== excitation analysis of $(RUNS)/$(EXCITATION_VARIANT)"
+	@$(PAPERMILL) $(NB)/04_excitations.ipynb $(EXE)/04_excitations.ipynb \
+		-p run $(UP)/$(RUNS)/$(EXCITATION_VARIANT) -p data $(UP)/$(STORE) -p device $(DEVICE) \
+		|| { echo "make book: notebook 04_excitations.ipynb failed (see $(EXE)/04_excitations.ipynb)"; exit 1; }
+	@$(BIN)/resemul book-toc --out book/_toc.yml --variants $(VARIANTS)
+	$(BIN)/jupyter-book build book --warningiserror --keep-going
+	@echo "make book: open book/_build/html/index.html"
 
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+# Keeps data/ and runs/ (they are expensive); remove those by hand.
 clean:
-	rm -rf $(VENV) book/_build book/_executed .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) book/_build $(EXE) .pytest_cache .ruff_cache *.egg-info

@@ -503,12 +503,31 @@ def _cmd_import_keras(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- book (issue 6) ----------------------------------------------------------------------
+
+
+def add_book_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("book-toc", help="write the book's _toc.yml for the trained variants")
+    p.add_argument("--out", required=True, help="the _toc.yml to write")
+    p.add_argument("--variants", nargs="*", help="variants trained (default: all twelve)")
+    p.set_defaults(func=_cmd_book_toc)
+
+
+def _cmd_book_toc(args: argparse.Namespace) -> int:
+    from .book import write_toc
+    from .model import VARIANTS
+
+    write_toc(args.out, args.variants or list(VARIANTS))
+    return 0
+
+
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_model_commands,
     add_excitation_commands,
     add_data_commands,
     add_train_commands,
     add_keras_commands,
+    add_book_commands,
 ]
 
 

@@ -40,6 +40,8 @@ __all__ = [
     "PRIOR_WORK_RESULTS",
     "TagMetrics",
     "evaluate_checkpoint",
+    "evaluate_runs",
+    "per_tag_frame",
     "metrics_filename",
     "predict_clips",
     "results_table",
@@ -381,3 +383,45 @@ def results_table(
     return table.sort_values("variant", key=lambda s: s.map(order), kind="stable").reset_index(
         drop=True
     )
+
+
+def evaluate_runs(
+    runs: Mapping[str, str | os.PathLike],
+    store: SegmentStore | str | os.PathLike,
+    *,
+    split: str = "test",
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate the ``best.pt`` of several run directories and write each one's metrics file.
+
+    Args:
+        runs: ``{variant: run_dir}`` (e.g. from :func:`resemul_core.runs.find_runs`).
+        store: the segment store.
+        split: the split to score.
+
+    Returns:
+        ``{variant: result}`` with the dicts of :func:`evaluate_checkpoint`.
+    """
+    if not isinstance(store, SegmentStore):
+        store = open_store(store)
+    results = {}
+    for variant, run_dir in runs.items():
+        result = evaluate_checkpoint(run_dir, store, split=split, device=device, progress=progress)
+        write_metrics(result, run_dir)
+        results[variant] = result
+    return results
+
+
+def per_tag_frame(results: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """Per-tag scores of several evaluations as one long table.
+
+    Returns:
+        Columns ``variant``, ``tag``, ``roc_auc``, ``pr_auc``, ``positives``.
+    """
+    rows = [
+        {"variant": variant, "tag": tag, **scores}
+        for variant, result in results.items()
+        for tag, scores in result["per_tag"].items()
+    ]
+    return pd.DataFrame(rows, columns=["variant", "tag", "roc_auc", "pr_auc", "positives"])

@@ -29,6 +29,7 @@ __all__ = [
     "model_config",
     "count_parameters",
     "variant_table",
+    "architecture_summary",
 ]
 
 BLOCK_TYPES = ("basic", "se", "res1", "res2", "rese1", "rese2")
@@ -329,4 +330,47 @@ def variant_table(**options: Any) -> list[dict[str, Any]]:
                 "total": count_parameters(model, trainable_only=False),
             }
         )
+    return rows
+
+
+def architecture_summary(config: ModelConfig) -> list[dict[str, Any]]:
+    """One row per stage of the network: output shape and parameter count.
+
+    Rows: ``stem``, ``block 1`` ... ``block n`` (with their block type), ``head``; columns
+    ``stage``, ``layer``, ``channels``, ``length`` (time steps of the stage's output; for the
+    head, the number of tags) and ``parameters`` (trainable). Built on the meta device: fast,
+    no weights allocated.
+    """
+    with torch.device("meta"):
+        model = SampleCNN(config)
+    rows = [
+        {
+            "stage": "stem",
+            "layer": "conv k3 s3 + BN + ReLU",
+            "channels": model.stem[0].out_channels,
+            "length": config.segment_length // 3,
+            "parameters": count_parameters(model.stem),
+        }
+    ]
+    length = config.segment_length // 3
+    for i, block in enumerate(model.blocks):
+        length //= 3
+        rows.append(
+            {
+                "stage": f"block {i + 1}",
+                "layer": config.block,
+                "channels": config.block_channels()[i],
+                "length": length,
+                "parameters": count_parameters(block),
+            }
+        )
+    rows.append(
+        {
+            "stage": "head",
+            "layer": "max-pool of blocks 7-9" if config.multi else "max-pool of the last block",
+            "channels": model.head[0].in_features,
+            "length": config.num_tags,
+            "parameters": count_parameters(model.head),
+        }
+    )
     return rows

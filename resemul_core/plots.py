@@ -5,7 +5,11 @@ Public:
 * common: :func:`save_figure`;
 * excitation analysis (SPEC §5): :func:`plot_excitations_at_levels`,
   :func:`plot_first_block_excitations`, :func:`plot_std_across_tags`,
-  :func:`plot_loudness_scatter`, :func:`excitation_figures`.
+  :func:`plot_loudness_scatter`, :func:`excitation_figures`;
+* data views: :func:`plot_tag_counts`, :func:`plot_waveform_segments`,
+  :func:`plot_loudness_distribution`;
+* training and results: :func:`plot_training_curves`, :func:`plot_results`,
+  :func:`plot_per_tag`.
 
 Figures are built on ``matplotlib.figure.Figure`` rather than ``pyplot`` so that no global
 figure registry grows in long sessions; Jupyter's inline backend still displays a returned
@@ -43,6 +47,12 @@ __all__ = [
     "plot_std_across_tags",
     "plot_loudness_scatter",
     "excitation_figures",
+    "plot_tag_counts",
+    "plot_waveform_segments",
+    "plot_loudness_distribution",
+    "plot_training_curves",
+    "plot_results",
+    "plot_per_tag",
 ]
 
 _STYLE = "whitegrid"
@@ -353,3 +363,143 @@ def excitation_figures(
         for name, figure in figures.items():
             save_figure(figure, Path(out_dir) / f"{name}.png")
     return figures
+
+
+# --- data views (issue 6) -----------------------------------------------------------------
+
+
+def plot_tag_counts(
+    labels: np.ndarray,
+    tags: Sequence[str],
+    splits: Sequence[str],
+    *,
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """Clips per tag and split as horizontal bars, most frequent tag on top.
+
+    Args:
+        labels: ``(clips, tags)`` 0/1 labels.
+        tags: the tag names, one per column.
+        splits: each clip's split name.
+    """
+    frame = pd.DataFrame(np.asarray(labels, dtype=int), columns=list(tags))
+    frame["split"] = list(splits)
+    counts = frame.groupby("split").sum().T
+    counts = counts[[s for s in ("train", "valid", "test") if s in counts.columns]]
+    counts = counts.loc[counts.sum(axis=1).sort_values().index]
+    figure, (ax,) = _figure(1, width=7, height=max(3.0, 0.22 * len(tags) + 1))
+    left = np.zeros(len(counts))
+    for split in counts.columns:
+        ax.barh(counts.index, counts[split], left=left, label=split)
+        left += counts[split].to_numpy()
+    ax.set_xlabel("clips carrying the tag")
+    ax.legend(title="split", loc="lower right")
+    ax.set_title("Tag frequencies")
+    return _finish(figure, path)
+
+
+def plot_waveform_segments(
+    waveform: np.ndarray,
+    *,
+    sample_rate: int,
+    segment_length: int,
+    title: str = "",
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """A clip's waveform with the boundaries of its non-overlapping model segments.
+
+    Args:
+        waveform: ``(samples,)`` mono audio in [-1, 1].
+        sample_rate: Hz.
+        segment_length: samples per segment (59,049 in the paper: 2.68 s at 22,050 Hz).
+    """
+    figure, (ax,) = _figure(1, width=10, height=2.8)
+    step = max(1, waveform.size // 20000)  # plotting every sample adds nothing visible
+    seconds = np.arange(0, waveform.size, step) / sample_rate
+    ax.plot(seconds, waveform[::step], lw=0.4, color="tab:blue")
+    for k in range(waveform.size // segment_length + 1):
+        ax.axvline(k * segment_length / sample_rate, color="tab:red", lw=0.8, ls="--")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("amplitude")
+    ax.set_title(title or f"waveform and {segment_length:,}-sample segments")
+    return _finish(figure, path)
+
+
+def plot_loudness_distribution(
+    rms_db: np.ndarray,
+    groups: Sequence[str],
+    *,
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """Histogram of clip loudness (RMS in dBFS), coloured by a group label per clip."""
+    figure, (ax,) = _figure(1, width=7, height=3.2)
+    frame = pd.DataFrame({"RMS level (dBFS)": rms_db, "group": list(groups)})
+    sns.histplot(frame, x="RMS level (dBFS)", hue="group", bins=30, multiple="stack", ax=ax)
+    ax.set_title("Clip loudness")
+    return _finish(figure, path)
+
+
+# --- training and results (issue 6) -------------------------------------------------------
+
+
+def plot_training_curves(log: pd.DataFrame, *, path: str | os.PathLike | None = None) -> Figure:
+    """Training and validation loss per epoch, with the learning-rate stages.
+
+    Args:
+        log: a run's per-epoch log (:func:`resemul_core.runs.read_log`): columns ``epoch``,
+            ``stage``, ``lr``, ``train_loss``, ``val_loss``.
+    """
+    figure, (loss_ax, lr_ax) = _figure(2, width=11, height=3.4)
+    loss_ax.plot(log["epoch"], log["train_loss"], marker="o", label="training")
+    loss_ax.plot(log["epoch"], log["val_loss"], marker="o", label="validation")
+    for stage, rows in log.groupby("stage"):
+        if stage % 2:
+            loss_ax.axvspan(rows["epoch"].min() - 0.5, rows["epoch"].max() + 0.5, alpha=0.08)
+    loss_ax.set_xlabel("epoch (shaded: odd learning-rate stages)")
+    loss_ax.set_ylabel("binary cross-entropy")
+    loss_ax.legend()
+    lr_ax.semilogy(log["epoch"], log["lr"], marker="o", color="tab:green")
+    lr_ax.set_xlabel("epoch")
+    lr_ax.set_ylabel("learning rate at epoch end")
+    return _finish(figure, path)
+
+
+def plot_results(table: pd.DataFrame, *, path: str | os.PathLike | None = None) -> Figure:
+    """Our ROC-AUC beside the paper's for every block, with and without multi-level heads.
+
+    Args:
+        table: :func:`resemul_core.evaluate.results_table` output (``variant``, ``roc_auc``,
+            ``paper_roc_auc``).
+    """
+    rows = []
+    for row in table.itertuples():
+        block, multi = row.variant.removesuffix("-multi"), row.variant.endswith("-multi")
+        head = "multi" if multi else "no multi"
+        rows.append({"block": block, "head": head, "source": "ours", "ROC-AUC": row.roc_auc})
+        rows.append({"block": block, "head": head, "source": "paper", "ROC-AUC": row.paper_roc_auc})
+    frame = pd.DataFrame(rows)
+    figure, axes = _figure(2, width=11, height=3.6)
+    for ax, source in zip(axes, ("ours", "paper"), strict=True):
+        part = frame[frame["source"] == source]
+        sns.barplot(part, x="block", y="ROC-AUC", hue="head", ax=ax)
+        values = part["ROC-AUC"].dropna()
+        if len(values):
+            ax.set_ylim(max(0.0, values.min() - 0.05), min(1.0, values.max() + 0.02))
+        ax.set_title("this build" if source == "ours" else "paper (MTAT, poster)")
+    return _finish(figure, path)
+
+
+def plot_per_tag(
+    per_tag: pd.DataFrame, *, metric: str = "roc_auc", path: str | os.PathLike | None = None
+) -> Figure:
+    """Per-tag scores of several variants as a heatmap (tags x variants).
+
+    Args:
+        per_tag: one row per (variant, tag) with columns ``variant``, ``tag`` and ``metric``.
+    """
+    grid = per_tag.pivot(index="tag", columns="variant", values=metric)
+    grid = grid.loc[grid.mean(axis=1).sort_values(ascending=False).index]
+    figure, (ax,) = _figure(1, width=1.0 + 0.7 * grid.shape[1], height=1.0 + 0.3 * len(grid))
+    sns.heatmap(grid, annot=True, fmt=".2f", cmap="viridis", vmin=0.5, vmax=1.0, ax=ax)
+    ax.set_title(f"per-tag {metric.replace('_', '-').upper()}")
+    return _finish(figure, path)

@@ -41,6 +41,7 @@ __all__ = [
     "STORE_FORMAT",
     "SPLITS",
     "SegmentStore",
+    "clip_levels_db",
     "dequantize",
     "open_store",
     "quantize",
@@ -200,6 +201,11 @@ class SegmentStore:
     def read_clip(self, i: int) -> np.ndarray:
         """All stored segments of clip ``i``: ``(num_segments_i, L)`` float32 in [-1, 1)."""
         return dequantize(self.segments[i, : self.num_segments(i)])
+
+    def audio_path(self, i: int) -> Path:
+        """The audio file clip ``i`` was prepared from (where it was at prepare time)."""
+        root = Path(self.manifest.get("source", {}).get("root", "."))
+        return root / str(self.clips["path"].iat[i])
 
     def read_segment(self, i: int, j: int) -> np.ndarray:
         """Segment ``j`` of clip ``i``: ``(L,)`` float32 in [-1, 1)."""
@@ -372,3 +378,23 @@ def write_store_from_arrays(
     )
     params = {"sample_rate": sample_rate, "segment_length": length, "segments_per_clip": per_clip}
     return finish_store(out, dataset=dataset, params=params, tags=tags, clips=clips, labels=labels)
+
+
+def clip_levels_db(store: SegmentStore, *, floor_db: float = -100.0) -> pd.DataFrame:
+    """Loudness of every stored clip: RMS level over its stored segments, in dBFS.
+
+    Returns:
+        Columns ``clip_id``, ``split``, ``rms_db`` and, where the store has them, the 0/1
+        ``loud`` and ``quiet`` tags.
+    """
+    levels = []
+    for i in range(store.num_clips):
+        samples = store.read_clip(i).astype(np.float64)
+        rms = np.sqrt(np.mean(np.square(samples))) if samples.size else 0.0
+        levels.append(max(floor_db, 20 * np.log10(rms)) if rms > 0 else floor_db)
+    frame = store.clips[["clip_id", "split"]].copy()
+    frame["rms_db"] = levels
+    for tag in ("loud", "quiet"):
+        if tag in store.tags:
+            frame[tag] = store.labels[:, store.tags.index(tag)]
+    return frame

@@ -18,14 +18,16 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .audio import SAMPLE_RATE, SEGMENTS_PER_CLIP, load_audio, segment_waveform
 from .checkpoint import load_checkpoint
 from .model import SampleCNN
+from .store import SegmentStore
 from .train import select_device
 
-__all__ = ["Tagger"]
+__all__ = ["Tagger", "tag_store_clips"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,3 +170,31 @@ class Tagger:
         if top_k is not None:
             order = order[:top_k]
         return [(self.tags[k], float(probs[k])) for k in order]
+
+
+def tag_store_clips(
+    tagger: Tagger, store: SegmentStore, indices: Sequence[int], *, top_k: int = 5
+) -> pd.DataFrame:
+    """Tag the original audio files of some clips of a store, beside their true tags.
+
+    The files are decoded again (the path any user's audio takes), not read from the store.
+
+    Returns:
+        Columns ``clip_id``, ``file``, ``predicted`` ("tag (probability)", most probable
+        first) and ``true`` (the clip's labelled tags).
+    """
+    rows = []
+    for i in indices:
+        path = store.audio_path(int(i))
+        predicted = tagger.tag(path, top_k=top_k)
+        rows.append(
+            {
+                "clip_id": store.clips["clip_id"].iat[int(i)],
+                "file": path.name,
+                "predicted": ", ".join(f"{tag} ({p:.2f})" for tag, p in predicted),
+                "true": ", ".join(
+                    t for t, on in zip(store.tags, store.labels[int(i)], strict=True) if on
+                ),
+            }
+        )
+    return pd.DataFrame(rows)

@@ -1,0 +1,126 @@
+"""The book: every notebook runs headless through papermill, and Jupyter Book builds from them.
+
+One module-scoped build (tiny profile, a small synthetic dataset, two variants) serves all
+tests; it takes a couple of minutes on two cores.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+
+from resemul_core.book import write_toc
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ["res1", "se-multi"]
+NOTEBOOKS = ["01_data", "02_train", "03_evaluate", "04_excitations"]
+
+
+def _execute(book: Path, name: str, page: str, **parameters) -> Path:
+    target = book / "executed" / f"{page}.ipynb"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(
+        str(book / "notebooks" / f"{name}.ipynb"),
+        str(target),
+        parameters=parameters,
+        cwd=str(book / "notebooks"),
+        progress_bar=False,
+        kernel_name="python3",
+    )
+    return target
+
+
+@pytest.fixture(scope="module")
+def built_book(tmp_path_factory):
+    work = tmp_path_factory.mktemp("book")
+    book = work / "book"
+    shutil.copytree(
+        ROOT / "book", book, ignore=shutil.ignore_patterns("_build", "executed", "_toc.yml")
+    )
+    data, runs = str(work / "synth"), str(work / "runs")
+    store = str(work / "store")
+    _execute(book, "01_data", "01_data", root=data, store_dir=store, synth_clips=32, workers=2)
+    for variant in VARIANTS:
+        _execute(
+            book,
+            "02_train",
+            f"train/{variant}",
+            variant=variant,
+            profile="tiny",
+            data=store,
+            out=f"{runs}/{variant}",
+            device="cpu",
+        )
+    _execute(book, "03_evaluate", "03_evaluate", runs=runs, data=store, device="cpu")
+    _execute(book, "04_excitations", "04_excitations", run=f"{runs}/se-multi", data=store)
+    write_toc(book / "_toc.yml", VARIANTS)
+    build = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "jupyter-book"),
+            "build",
+            str(book),
+            "-W",
+            "--keep-going",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    return book, build, work
+
+
+def test_every_notebook_executes_with_the_tiny_profile(built_book):
+    book, _, work = built_book
+    executed = sorted(
+        p.relative_to(book / "executed").as_posix() for p in (book / "executed").rglob("*.ipynb")
+    )
+    assert executed == ["01_data.ipynb", "03_evaluate.ipynb", "04_excitations.ipynb"] + [
+        f"train/{v}.ipynb" for v in VARIANTS
+    ]
+    evaluation = nbformat.read(book / "executed" / "03_evaluate.ipynb", as_version=4)
+    assert not any(
+        o.get("output_type") == "error" for c in evaluation.cells for o in c.get("outputs", [])
+    )
+    for variant in VARIANTS:
+        metrics = json.loads((work / "runs" / variant / "metrics.json").read_text())
+        assert metrics["variant"] == variant and metrics["split"] == "test"
+    excitations = work / "runs" / "se-multi" / "excitations"
+    assert (excitations / "excitations.npz").is_file()
+    assert len(list(excitations.glob("*.png"))) == 4
+
+
+def test_notebooks_are_thin_and_start_with_parameters():
+    for name in NOTEBOOKS:
+        notebook = nbformat.read(ROOT / "book" / "notebooks" / f"{name}.ipynb", as_version=4)
+        code = [c for c in notebook.cells if c.cell_type == "code"]
+        assert "parameters" in code[0].metadata.get("tags", []), name
+        assert not any(c.get("outputs") for c in code), f"{name} is committed with outputs"
+        for cell in code:
+            assert not any(line.startswith(("def ", "class ")) for line in cell.source.splitlines())
+
+
+def test_the_book_builds_without_warnings(built_book):
+    book, build, _ = built_book
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    html = book / "_build" / "html"
+    for page in ["intro", "executed/03_evaluate", "executed/04_excitations", "reproduce", "api"]:
+        assert (html / f"{page}.html").is_file(), page
+    evaluation = (html / "executed" / "03_evaluate.html").read_text()
+    assert "paper_roc_auc" in evaluation and "<img" in evaluation
+    assert "Training se-multi" in (html / "training.html").read_text()
+
+
+def test_an_unknown_variant_stops_the_training_notebook_with_the_valid_names(tmp_path):
+    with pytest.raises(papermill.PapermillExecutionError, match="valid variants: basic"):
+        papermill.execute_notebook(
+            str(ROOT / "book" / "notebooks" / "02_train.ipynb"),
+            str(tmp_path / "out.ipynb"),
+            parameters={"variant": "rese3", "data": str(tmp_path)},
+            cwd=str(ROOT / "book" / "notebooks"),
+            progress_bar=False,
+            kernel_name="python3",
+        )
