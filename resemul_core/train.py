@@ -215,18 +215,18 @@ PROFILES: dict[str, Profile] = {
     "demo": Profile(
         name="demo",
         description=(
-            "Sized for the book on 2 CPU cores (about 1.5 minutes per variant with bf16): width "
-            "1/8, 2 stages of at most 3 epochs of 90 steps (<= 540 steps of 23 segments), "
+            "Sized for the book on 2 CPU cores (1-3 minutes per variant with bf16): width 1/16, "
+            "2 stages of at most 3 epochs of 120 steps (<= 720 steps of 23 segments), "
             "validation on <= 230 segments, BN averaging horizon ~10 steps."
         ),
         config=TrainConfig(
             num_stages=2,
             max_epochs_per_stage=3,
-            max_steps_per_epoch=90,
+            max_steps_per_epoch=120,
             val_segments=230,
-            checkpoint_every=90,
+            checkpoint_every=120,
         ),
-        model={"width": 0.125, "bn_momentum": 0.1},
+        model={"width": 0.0625, "bn_momentum": 0.1},
     ),
     "tiny": Profile(
         name="tiny",
