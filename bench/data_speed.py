@@ -1,28 +1,18 @@
-"""Data pipeline speed: preprocessing clips/s and store random-access segments/s.
+"""Data benchmarks of ``bench/run.py``: preprocessing clips/s and training loaders segments/s.
 
-Generates its own clips (29.1 s, 16 kHz mono mp3 like MTAT's; a few tones plus noise), then
-times:
-
-* ``prepare_store`` with one process and with every core (decode mp3 → 22,050 Hz with soxr →
-  10 segments of 59,049 samples → int16 slot, fsync'ed, journaled);
-* a plain ``librosa.load(path, sr=22050, duration=29)`` loop over the same files (decoding and
-  resampling only, nothing written), the usual baseline;
-* random single-segment reads through :class:`~resemul_core.datasets.SegmentDataset` (shuffled
-  order, store in the page cache) and a ``DataLoader`` with workers.
-
-Usage::
-
-    .venv/bin/python bench/data_speed.py                    # 40 clips
-    .venv/bin/python bench/data_speed.py --clips 200 --workers 8 --json bench/out/data.json
+* :func:`make_clips`, :func:`time_prepare`, :func:`time_librosa`: ``prepare_store`` on
+  generated mp3 clips (29.1 s, 16 kHz mono like MTAT's) with one process and with every core,
+  against a plain ``librosa.load(path, sr=22050, duration=29)`` loop (decoding and resampling
+  only, the usual baseline).
+* :func:`make_bench_data`, :func:`time_loaders`: a segment store of random clips and the same
+  clips as one decoded float32 ``.npy`` file each (how peer repositories feed their models),
+  then segments/s of the loaders: :class:`~resemul_core.datasets.SegmentDataset` read by
+  read, through a ``DataLoader``, :class:`~resemul_core.datasets.SegmentBatches` (one int16
+  read per batch), and the per-item ``.npy`` baseline (:class:`NpyClips`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,11 +20,13 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from resemul_core.datasets import SegmentDataset
+from resemul_core.datasets import SegmentBatches, SegmentDataset
 from resemul_core.prepare import prepare_store
 from resemul_core.sources import read_table
+from resemul_core.store import SegmentStore, write_store_from_arrays
+from resemul_core.train import epoch_batches
 
 
 def make_clips(folder: Path, count: int, *, seconds: float = 29.1, rate: int = 16_000) -> Path:
@@ -53,12 +45,14 @@ def make_clips(folder: Path, count: int, *, seconds: float = 29.1, rate: int = 1
 
 
 def time_prepare(table: Path, out: Path, workers: int) -> float:
+    """Seconds for ``prepare_store`` of the clips in ``table`` with ``workers`` processes."""
     start = time.perf_counter()
     prepare_store(read_table(table), out, workers=workers, progress=False)
     return time.perf_counter() - start
 
 
 def time_librosa(folder: Path) -> float:
+    """Seconds for ``librosa.load`` of every mp3 in ``folder`` (22,050 Hz, first 29 s)."""
     import librosa
 
     paths = sorted(folder.glob("*.mp3"))
@@ -69,61 +63,114 @@ def time_librosa(folder: Path) -> float:
     return time.perf_counter() - start
 
 
-def time_reads(store_dir: Path, reads: int) -> tuple[float, float]:
-    """Segments/s of shuffled single reads, in-process and through a 2-worker DataLoader."""
-    dataset = SegmentDataset(store_dir, "train")
-    order = np.random.default_rng(0).integers(0, len(dataset), reads)
-    for k in order[:100]:  # warm the page cache
-        dataset[int(k)]
+def make_bench_data(
+    folder: Path,
+    *,
+    clips: int,
+    segments_per_clip: int = 10,
+    segment_length: int = 59_049,
+    num_tags: int = 50,
+) -> tuple[SegmentStore, Path]:
+    """Random clips as a store (all in 'train') and as one float32 ``.npy`` per clip.
+
+    Returns:
+        The store, and the folder of ``clip{i}.npy`` files (``(segments_per_clip *
+        segment_length,)`` float32 each, the decoded clip) with ``labels.npy``
+        ``(clips, num_tags)`` float32.
+    """
+    rng = np.random.default_rng(0)
+    waveforms = [
+        (0.3 * rng.standard_normal((segments_per_clip, segment_length))).clip(-1, 1)
+        for _ in range(clips)
+    ]
+    labels = (rng.random((clips, num_tags)) < 0.1).astype(np.uint8)
+    store = write_store_from_arrays(
+        folder / "store",
+        waveforms=waveforms,
+        labels=labels,
+        splits=["train"] * clips,
+        tags=[f"tag{k}" for k in range(num_tags)],
+    )
+    npy = folder / "npy"
+    npy.mkdir(parents=True, exist_ok=True)
+    for i, w in enumerate(waveforms):
+        np.save(npy / f"clip{i}.npy", w.astype(np.float32).reshape(-1))
+    np.save(npy / "labels.npy", labels.astype(np.float32))
+    return store, npy
+
+
+class NpyClips(Dataset):
+    """The baseline loader: item ``k`` loads clip ``k // S``'s whole ``.npy`` file and cuts
+    segment ``k % S`` from it, as float32 ``(L,)``, with the clip's ``(T,)`` labels."""
+
+    def __init__(self, folder: Path, *, segments_per_clip: int, segment_length: int) -> None:
+        self.folder = folder
+        self.labels = torch.from_numpy(np.load(folder / "labels.npy"))
+        self.segments_per_clip = segments_per_clip
+        self.segment_length = segment_length
+
+    def __len__(self) -> int:
+        return len(self.labels) * self.segments_per_clip
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        clip, segment = divmod(k, self.segments_per_clip)
+        audio = np.load(self.folder / f"clip{clip}.npy")
+        start = segment * self.segment_length
+        return torch.from_numpy(audio[start : start + self.segment_length]), self.labels[clip]
+
+
+def _drain(loader: DataLoader, segments: int) -> float:
+    """Segments/s of iterating ``loader`` (restarted as needed) until ``segments`` are seen;
+    the first batch (worker start-up) is not timed."""
+    seen, started = 0, None
+    while seen < segments:
+        for waveforms, _ in loader:
+            if started is None:
+                started = time.perf_counter()
+                continue
+            seen += len(waveforms)
+            if seen >= segments:
+                break
+    return seen / (time.perf_counter() - started)
+
+
+def time_loaders(
+    store: SegmentStore,
+    npy: Path,
+    *,
+    segments: int,
+    batch_size: int = 23,
+    num_workers: int = 2,
+) -> dict[str, float]:
+    """Segments/s of each loader over shuffled training segments (files in the page cache).
+
+    Returns:
+        ``{name: segments per second}`` for ``SegmentDataset`` read by read in this process,
+        ``SegmentDataset`` through a ``DataLoader``, ``SegmentBatches`` (bulk int16) through
+        a ``DataLoader``, and the per-item ``.npy`` baseline through a ``DataLoader``.
+    """
+    items = SegmentDataset(store, "train")
+    order = np.random.default_rng(0).integers(0, len(items), segments)
+    for k in order[:100]:  # warm the page cache and the memmap
+        items[int(k)]
     start = time.perf_counter()
     for k in order:
-        dataset[int(k)]
-    direct = reads / (time.perf_counter() - start)
-    loader = DataLoader(dataset, batch_size=23, shuffle=True, num_workers=2)
-    start, seen = time.perf_counter(), 0
-    while seen < reads:
-        for waveforms, _ in loader:
-            seen += len(waveforms)
-            if seen >= reads:
-                break
-    return direct, seen / (time.perf_counter() - start)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clips", type=int, default=40, help="clips to generate (40)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="all cores")
-    parser.add_argument("--reads", type=int, default=5000, help="random segment reads (5000)")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="data_speed_") as tmp:
-        tmp = Path(tmp)
-        table = make_clips(tmp / "clips", args.clips)
-        one = time_prepare(table, tmp / "store1", workers=1)
-        many = time_prepare(table, tmp / "storeN", workers=args.workers)
-        baseline = time_librosa(tmp / "clips")
-        same = all(
-            (tmp / "store1" / n).read_bytes() == (tmp / "storeN" / n).read_bytes()
-            for n in ("segments.npy", "clips.csv", "labels.npy", "manifest.json")
-        )
-        direct, loader = time_reads(tmp / "store1", args.reads)
-    figures = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "clips": args.clips,
-        "prepare_1_process_clips_per_s": round(args.clips / one, 2),
-        f"prepare_{args.workers}_processes_clips_per_s": round(args.clips / many, 2),
-        "librosa_load_loop_clips_per_s": round(args.clips / baseline, 2),
-        "stores_identical": same,
-        "random_segment_reads_per_s": round(direct),
-        "dataloader_2_workers_segments_per_s": round(loader),
-    }
-    for key, value in figures.items():
-        print(f"{key:40s} {value}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+        items[int(k)]
+    figures = {"SegmentDataset, read by read": segments / (time.perf_counter() - start)}
+    per_item = {"batch_size": batch_size, "shuffle": True, "num_workers": num_workers}
+    figures[f"SegmentDataset + DataLoader ({num_workers} workers)"] = _drain(
+        DataLoader(items, **per_item), segments
+    )
+    steps = -(-segments // batch_size) + 1
+    rows = epoch_batches(len(items), batch_size=batch_size, num_steps=steps, seed=0, epoch=0)
+    bulk = DataLoader(
+        SegmentBatches(store, "train"), sampler=list(rows), batch_size=None, num_workers=num_workers
+    )
+    figures[f"SegmentBatches int16 + DataLoader ({num_workers} workers)"] = _drain(bulk, segments)
+    baseline = NpyClips(
+        npy, segments_per_clip=store.segments_per_clip, segment_length=store.segment_length
+    )
+    figures[f"baseline: one .npy per clip ({num_workers} workers)"] = _drain(
+        DataLoader(baseline, **per_item), segments
+    )
+    return figures

@@ -1,122 +1,136 @@
-"""Training speed per variant: segments per second of forward + backward + SGD step.
+"""Training-step benchmarks of ``bench/run.py``: our training step against a plain baseline.
 
-Times the training step of :mod:`resemul_core.train` (loss, Nesterov SGD) on random
-waveforms, one batch of 23 segments of 59,049 samples per step at the paper's settings, in
-fp32 and under bf16 autocast, for each requested variant. Data loading is not included.
+* :func:`time_ours`: the library's path, as :func:`~resemul_core.train.train` runs it: int16
+  batches from the segment store (:func:`~resemul_core.train.device_batches`, through a
+  ``DataLoader`` or gathered from a :class:`~resemul_core.train.ResidentSplit`), dequantized
+  on the device, :func:`~resemul_core.train.train_step` under bf16 autocast with cuDNN
+  autotuning and TF32 (:func:`~resemul_core.train.enable_cuda_speedups`), optionally
+  ``torch.compile``; the loss is never read back.
+* :func:`time_baseline`: a plain loop as peer repositories write it: per-item float32 ``.npy``
+  loading (:class:`data_speed.NpyClips`), fp32, eager, ``loss.item()`` every step.
 
-Usage::
-
-    .venv/bin/python bench/train_speed.py                       # all 12 variants, paper width
-    .venv/bin/python bench/train_speed.py --variants basic,rese2-multi --steps 5
-    .venv/bin/python bench/train_speed.py --width 0.125 --precision fp32 --device cpu
+Both time forward + backward + Nesterov SGD with the data loading included, after untimed
+warm-up steps, in segments per second.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
+from pathlib import Path
 
 import torch
+from data_speed import NpyClips
+from torch.utils.data import DataLoader
 
-from resemul_core.model import VARIANTS, build_model, count_parameters
-from resemul_core.train import TrainConfig, bce_loss, build_optimizer, select_device
+from resemul_core.datasets import SegmentBatches
+from resemul_core.model import build_model, count_parameters
+from resemul_core.store import SegmentStore
+from resemul_core.train import (
+    ResidentSplit,
+    TrainConfig,
+    bce_loss,
+    build_optimizer,
+    device_batches,
+    enable_cuda_speedups,
+    epoch_batches,
+    train_step,
+)
 
 
-def time_steps(
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ours(
     variant: str,
     *,
+    store: SegmentStore,
     width: float,
     batch_size: int,
     steps: int,
     warmup: int,
-    precision: str,
     device: torch.device,
-    num_tags: int = 50,
+    compile: bool = False,
+    data_on_device: bool = False,
+    num_workers: int = 2,
 ) -> dict:
-    """Seconds per training step of one variant, after ``warmup`` untimed steps."""
+    """Our training step fed from the store; ``{"segments_per_s", "s_per_step", "params"}``."""
     torch.manual_seed(0)
-    model = build_model(variant, num_tags=num_tags, width=width).to(device).train()
+    if device.type == "cuda":
+        enable_cuda_speedups()
+    model = build_model(variant, num_tags=store.num_tags, width=width).to(device).train()
     optimizer = build_optimizer(model, TrainConfig(), stage=0)
-    length = model.config.segment_length
-    waveform = (torch.rand(batch_size, length, device=device) * 2 - 1) * 0.3  # B, L
-    labels = (torch.rand(batch_size, num_tags, device=device) < 0.1).float()  # B, T
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-    def step() -> None:
-        with autocast:
-            logits = model(waveform)
-        loss = bce_loss(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    forward = torch.compile(model) if compile else model
+    batches = SegmentBatches(store, "train")
+    rows = epoch_batches(
+        len(batches), batch_size=batch_size, num_steps=warmup + steps, seed=0, epoch=0
+    )
+    resident = ResidentSplit(batches, device) if data_on_device else None
+    loader = device_batches(
+        batches, rows, device=device, num_workers=num_workers, resident=resident
+    )
     started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    for step, (waveform, labels) in enumerate(loader):
+        if step == warmup:
+            _synchronize(device)
+            started = time.perf_counter()
+        train_step(forward, optimizer, waveform, labels, lr=0.01, autocast=True)
+    _synchronize(device)
     seconds = (time.perf_counter() - started) / steps
     return {
-        "variant": variant,
-        "precision": precision,
         "params": count_parameters(model),
         "s_per_step": seconds,
         "segments_per_s": batch_size / seconds,
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
-    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0)")
-    parser.add_argument("--batch-size", type=int, default=23, help="segments per step (23)")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant (2)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (1)")
-    parser.add_argument("--precision", default="fp32,bf16", help="fp32 and/or bf16 (both)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = select_device(args.device)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    print(
-        f"device {device} ({where or platform.machine()}), {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, width {args.width}, batch {args.batch_size}, "
-        f"{args.steps} timed steps after {args.warmup} warm-up"
+def time_baseline(
+    variant: str,
+    *,
+    npy: Path,
+    store: SegmentStore,
+    width: float,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    num_workers: int = 2,
+) -> dict:
+    """The plain loop on the ``.npy`` files; ``{"segments_per_s", "s_per_step", "params"}``."""
+    torch.manual_seed(0)
+    model = build_model(variant, num_tags=store.num_tags, width=width).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    dataset = NpyClips(
+        npy, segments_per_clip=store.segments_per_clip, segment_length=store.segment_length
     )
-    print(f"{'variant':<13} {'precision':<9} {'params':>12} {'s/step':>8} {'segments/s':>11}")
-    rows = []
-    for variant in variants:
-        for precision in precisions:
-            row = time_steps(
-                variant,
-                width=args.width,
-                batch_size=args.batch_size,
-                steps=args.steps,
-                warmup=args.warmup,
-                precision=precision,
-                device=device,
-            )
-            rows.append(row)
-            print(
-                f"{variant:<13} {precision:<9} {row['params']:>12,} {row['s_per_step']:>8.3f} "
-                f"{row['segments_per_s']:>11.1f}",
-                flush=True,
-            )
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"device": str(device), "width": args.width, "rows": rows}, handle, indent=2)
-
-
-if __name__ == "__main__":
-    main()
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        drop_last=True,
+        persistent_workers=num_workers > 0,  # the bench's few clips would restart them often
+    )
+    running, step = 0.0, 0
+    started = time.perf_counter()
+    while step < warmup + steps:
+        for waveform, labels in loader:
+            if step == warmup:
+                _synchronize(device)
+                started = time.perf_counter()
+            waveform, labels = waveform.to(device), labels.to(device)
+            loss = bce_loss(model(waveform), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            running += loss.item()  # the usual running-loss print: a host sync every step
+            step += 1
+            if step == warmup + steps:
+                break
+    seconds = (time.perf_counter() - started) / steps
+    return {
+        "params": count_parameters(model),
+        "s_per_step": seconds,
+        "segments_per_s": batch_size / seconds,
+    }

@@ -411,8 +411,9 @@ def store_summary(store: SegmentStore) -> dict[str, Any]:
     """Plain-value summary of a store for ``resemul data info``.
 
     Returns:
-        ``{"path", "dataset", "params", "tags", "splits": [{"split", "clips", "segments"}],
-        "skips": {reason: count}, "size_bytes", "fingerprint", "library_version"}``.
+        A dict with keys ``path``, ``dataset``, ``params``, ``tags``, ``splits`` (a list of
+        ``{"split", "clips", "segments"}`` dicts), ``skips`` (``{reason: count}``),
+        ``size_bytes``, ``fingerprint`` and ``library_version``.
     """
     counts = store.manifest.get("counts") or {}
     return {

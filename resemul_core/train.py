@@ -4,8 +4,9 @@ Public: :class:`TrainConfig`, :class:`Profile`, :data:`PROFILES`, :func:`train`,
 :class:`TrainResult`, :class:`TrainingDiverged`, :class:`StageState`, :class:`StageUpdate`,
 :func:`update_stage`, :func:`stage_learning_rate`, :func:`decayed_learning_rate`,
 :func:`steps_per_epoch`, :func:`epoch_batches`, :func:`bce_loss`, :func:`build_optimizer`,
-:func:`validation_loss`, :func:`select_device`, :func:`saved_train_config`,
-:func:`num_blocks_for`, :data:`RUN_LOG`, :data:`RUNTIME_FIELDS`.
+:func:`train_step`, :func:`device_batches`, :class:`ResidentSplit`,
+:func:`enable_cuda_speedups`, :func:`validation_loss`, :func:`select_device`,
+:func:`saved_train_config`, :func:`num_blocks_for`, :data:`RUN_LOG`, :data:`RUNTIME_FIELDS`.
 
 The recipe (``R:train.py``): five learning-rate stages 0.01 → 1.6e-5 (×0.2); each starts from
 the previous stage's best-validation-loss weights with a fresh SGD optimizer (momentum 0.9,
@@ -24,9 +25,16 @@ Resuming is exact: the data order of an epoch is a function of ``(seed, epoch)``
 within the epoch is saved, and so are the optimizer and all RNG states; a resumed CPU run ends
 with bit-identical weights to an uninterrupted one.
 
-For data-parallel training, the two places to change are the batch plan (each rank takes its
-share of the rows of :func:`epoch_batches`) and the loss (:func:`bce_loss`, a mean over the
-local batch that DDP's gradient averaging turns into the global mean).
+Under ``torchrun`` the same call trains data-parallel (DDP, :mod:`resemul_core.distributed`):
+every rank takes its contiguous share of each global batch of ``batch_size`` segments (the rows
+of :func:`epoch_batches`), weights its loss by its share so that DDP's gradient average is the
+global batch mean, and BatchNorm statistics are over the global batch (``sync_bn``); rank 0
+writes the checkpoints and the log while the others wait. The data order, and hence resuming,
+do not depend on the number of processes.
+
+On CUDA the loop lets cuDNN choose its kernels, allows TF32, copies int16 batches from pinned
+memory without blocking, dequantizes them on the GPU, and reads the loss back only every
+``_LOSS_CHECK_EVERY`` steps; ``data_on_device`` keeps the whole training split on the GPU.
 """
 
 from __future__ import annotations
@@ -39,16 +47,17 @@ import math
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .checkpoint import (
@@ -58,7 +67,8 @@ from .checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from .datasets import SegmentDataset
+from .datasets import SegmentBatches, SegmentDataset, dequantize_tensor
+from .distributed import Ranks, convert_sync_batchnorm, process_group, shard
 from .files import atomic_write, write_json
 from .model import ModelConfig, SampleCNN, model_config
 from .store import SegmentStore, open_store
@@ -68,6 +78,7 @@ __all__ = [
     "RUNTIME_FIELDS",
     "RUN_LOG",
     "Profile",
+    "ResidentSplit",
     "StageState",
     "StageUpdate",
     "TrainConfig",
@@ -76,6 +87,8 @@ __all__ = [
     "bce_loss",
     "build_optimizer",
     "decayed_learning_rate",
+    "device_batches",
+    "enable_cuda_speedups",
     "epoch_batches",
     "num_blocks_for",
     "saved_train_config",
@@ -83,6 +96,7 @@ __all__ = [
     "stage_learning_rate",
     "steps_per_epoch",
     "train",
+    "train_step",
     "update_stage",
     "validation_loss",
 ]
@@ -124,6 +138,13 @@ class TrainConfig:
         stages caps the epoch *index* at 100, so the official code left later stages fewer
         than 100 epochs; here every stage may run ``max_epochs_per_stage`` epochs. With
         patience 2 neither cap is reached on MTAT.
+
+    Note:
+        Data-parallel runs (``torchrun``) keep ``batch_size`` as the *global* batch. With
+        ``sync_bn`` (the default) BatchNorm normalises over the global batch as the paper's
+        single GPU did, and a run matches a single-process run up to float rounding, except
+        that dropout masks are drawn per rank. Without it every rank normalises its own
+        ``batch_size / world_size`` segments: faster, but a different (noisier) model.
     """
 
     learning_rate: float = 0.01  # lr of the first stage (SPEC §3, R:train.py:21)
@@ -145,6 +166,8 @@ class TrainConfig:
     autocast: bool = True  # bf16 autocast of the forward pass on CUDA and CPU (runtime)
     compile: bool = False  # torch.compile the training forward pass (runtime)
     num_workers: int = 0  # DataLoader worker processes; 0 = load in the main process (runtime)
+    data_on_device: bool = False  # hold the training split on the device as int16 (runtime)
+    sync_bn: bool = True  # under DDP, BN statistics over the global batch, not per rank (runtime)
 
     def __post_init__(self) -> None:
         positive = ("learning_rate", "batch_size", "num_stages", "max_epochs_per_stage")
@@ -175,7 +198,17 @@ class TrainConfig:
 
 
 #: TrainConfig fields that do not change the result and may differ when a run is resumed.
-RUNTIME_FIELDS = frozenset({"checkpoint_every", "device", "autocast", "compile", "num_workers"})
+RUNTIME_FIELDS = frozenset(
+    {
+        "checkpoint_every",
+        "device",
+        "autocast",
+        "compile",
+        "num_workers",
+        "data_on_device",
+        "sync_bn",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -371,6 +404,43 @@ def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
 
 
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    waveform: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    lr: float,
+    autocast: bool = True,
+    loss_weight: float = 1.0,
+) -> torch.Tensor:
+    """One optimizer step on one batch; the loss stays on the device (no host sync).
+
+    Args:
+        model: maps ``(B, L)`` waveforms to ``(B, T)`` logits; a :class:`SampleCNN`, its
+            DDP wrapper or a compiled one.
+        optimizer: updated in place, every parameter group at learning rate ``lr``.
+        waveform: ``(B, L)`` float32 samples on the model's device.
+        labels: ``(B, T)`` 0/1 float32 on the model's device.
+        lr: this step's learning rate.
+        autocast: bf16 autocast of the forward pass (on CUDA and CPU).
+        loss_weight: factor on the loss before the backward pass; under DDP, ``B * world_size
+            / global batch`` so that DDP's gradient average is the mean over the global batch.
+
+    Returns:
+        The batch's mean loss (unweighted), a detached 0-dim float32 tensor on the device.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with _autocast(waveform.device, autocast):
+        logits = model(waveform)  # B, T
+    loss = bce_loss(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    (loss * loss_weight if loss_weight != 1.0 else loss).backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig, *, stage: int) -> torch.optim.SGD:
     """A fresh SGD optimizer for a stage (momentum buffers empty, decay step count 0).
 
@@ -427,6 +497,7 @@ def validation_loss(
     autocast: bool = True,
     num_workers: int = 0,
     progress: bool = False,
+    distributed: bool = False,
 ) -> float:
     """Segment-level BCE over a validation set, model in eval mode (dropout off, BN frozen).
 
@@ -434,6 +505,9 @@ def validation_loss(
         model: maps ``(B, L)`` waveforms to ``(B, T)`` logits.
         dataset: items ``(waveform (L,), labels (T,))``, e.g. a :class:`SegmentDataset`.
         batch_size: segments per forward pass; does not change the value.
+        distributed: every rank of the initialised process group calls this with the same
+            model weights and dataset; each scores its contiguous share and the sums of the
+            losses and of the segment counts are all-reduced, so all get the same value.
 
     Returns:
         The mean over segments of the per-segment BCE (mean over tags).
@@ -443,6 +517,9 @@ def validation_loss(
         that over-reads 5 segments (SPEC §3); this is the exact mean over the segments.
     """
     device = torch.device(device)
+    if distributed:
+        share = np.array_split(np.arange(len(dataset)), dist.get_world_size())[dist.get_rank()]
+        dataset = Subset(dataset, share.tolist())
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -465,6 +542,10 @@ def validation_loss(
         total += per_segment.sum(dtype=torch.float64)
         count += labels.shape[0]
     model.train(was_training)
+    if distributed:
+        sums = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)])
+        dist.all_reduce(sums)
+        total, count = sums[0], int(sums[1].item())
     if count == 0:
         raise ValueError("the validation set holds no segments")
     return float(total.item() / count)
@@ -639,8 +720,11 @@ def _read_resume_state(
     return payload, config, saved_model
 
 
-def _claim_run_dir(run_dir: Path, *, overwrite: bool) -> None:
-    """Refuse to start a fresh run over an existing one unless ``overwrite``."""
+def _claim_run_dir(run_dir: Path, *, overwrite: bool, ranks: Ranks) -> None:
+    """Refuse to start a fresh run over an existing one unless ``overwrite``.
+
+    Every rank looks (so that all raise together); rank 0 alone clears the directory.
+    """
     ours = [BEST_CHECKPOINT, LAST_CHECKPOINT, RUN_LOG, RUN_CONFIG]
     present = [name for name in ours if (run_dir / name).exists()]
     if present and not overwrite:
@@ -648,9 +732,12 @@ def _claim_run_dir(run_dir: Path, *, overwrite: bool) -> None:
             f"run directory {run_dir} already holds a run ({', '.join(present)}); "
             "resume it, or overwrite it explicitly"
         )
-    for name in present:
-        (run_dir / name).unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ranks.barrier()  # nobody looks any more when rank 0 deletes
+    if ranks.is_main:
+        for name in present:
+            (run_dir / name).unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+    ranks.barrier()
 
 
 def _write_log_row(path: Path, row: Mapping[str, Any]) -> None:
@@ -683,6 +770,7 @@ class _Run:
     optimizer: torch.optim.SGD
     state: _Progress
     device: torch.device
+    ranks: Ranks = field(default_factory=Ranks)
     saved_rng: dict[str, Any] | None = None  # to restore right before the first step
 
     @property
@@ -704,20 +792,29 @@ class _Run:
         }
 
     def save_last(self) -> None:
-        save_checkpoint(
-            self.last_path,
-            model=self.model,
-            tags=self.store.tags,
-            kind="train-state",
-            **self.info(),
-            progress=self.state.to_dict(),
-            optimizer_state=self.optimizer.state_dict(),
-            rng=_rng_state(),
-        )
+        """Write ``last.pt`` (rank 0) with every rank's RNG states; the others wait."""
+        rng = self.ranks.gather_objects(_rng_state())
+        if self.ranks.is_main:
+            save_checkpoint(
+                self.last_path,
+                model=self.model,
+                tags=self.store.tags,
+                kind="train-state",
+                **self.info(),
+                progress=self.state.to_dict(),
+                optimizer_state=self.optimizer.state_dict(),
+                rng=rng[0],
+                **({"rank_rng": rng} if self.ranks.distributed else {}),
+            )
+        self.ranks.barrier()
 
     def record_losses(self, pending: list[torch.Tensor]) -> None:
-        """Add the pending batch losses to the epoch's sum; stop on a NaN/inf, naming its step."""
-        values = torch.stack(pending).cpu().tolist() if pending else []
+        """Add the pending batch losses to the epoch's sum; stop on a NaN/inf, naming its step.
+
+        Under DDP each entry is a rank's share of its global batch's loss; the sum over ranks
+        (one all-reduce for all pending steps) is the global batch mean.
+        """
+        values = self.ranks.all_reduce_sum(torch.stack(pending)).cpu().tolist() if pending else []
         for i, value in enumerate(values):
             if not math.isfinite(value):
                 step = self.state.global_step - len(values) + i + 1
@@ -744,7 +841,7 @@ class _Run:
             patience=self.config.patience,
             max_epochs=self.config.max_epochs_per_stage,
         )
-        if update.improved:
+        if update.improved and self.ranks.is_main:
             save_checkpoint(
                 self.best_path,
                 model=self.model,
@@ -757,8 +854,7 @@ class _Run:
             )
         train_loss = state.loss_sum / num_steps
         segments = num_steps * self.config.batch_size
-        _write_log_row(
-            self.dir / RUN_LOG,
+        self._write_log_row(
             {
                 "epoch": state.epoch,
                 "stage": state.stage.stage,
@@ -774,6 +870,7 @@ class _Run:
                 "segments_per_s": f"{segments / max(state.train_seconds, 1e-9):.1f}",
             },
         )
+        self.ranks.barrier()  # best.pt is written before any rank reads it (next_stage)
         logger.info(
             "epoch %d (stage %d, lr %.2e): train loss %.4f, val loss %.4f%s",
             state.epoch,
@@ -793,6 +890,10 @@ class _Run:
         state.loss_sum = 0.0
         state.train_seconds = 0.0
         self.save_last()
+
+    def _write_log_row(self, row: Mapping[str, Any]) -> None:
+        if self.ranks.is_main:
+            _write_log_row(self.dir / RUN_LOG, row)
 
     def next_stage(self) -> None:
         """Restart from this stage's best weights with a fresh optimizer (``R:train.py:59-62``)."""
@@ -841,6 +942,7 @@ def _start_run(
     model_options: Mapping[str, Any] | None,
     resume: bool,
     overwrite: bool,
+    ranks: Ranks,
 ) -> _Run:
     """Set up a fresh run, or rebuild a resumed one from ``last.pt`` (writing nothing)."""
     if resume:
@@ -849,7 +951,7 @@ def _start_run(
         )
         last = run_dir / LAST_CHECKPOINT
         model = SampleCNN(mconfig)
-        device = select_device(config.device)
+        device = _rank_device(config.device, ranks)
         try:
             model.load_state_dict(saved["model_state"])
             model.to(device)
@@ -858,8 +960,16 @@ def _start_run(
             optimizer.load_state_dict(saved["optimizer_state"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"cannot resume from {last}: {err}") from err
-        for stale in run_dir.glob(".*.pt.*.tmp"):  # left by a write that a kill interrupted
-            stale.unlink(missing_ok=True)
+        if ranks.is_main:
+            for stale in run_dir.glob(".*.pt.*.tmp"):  # left by a write that a kill interrupted
+                stale.unlink(missing_ok=True)
+        rng = saved["rng"]
+        rank_rng = saved.get("rank_rng") or [rng]
+        if len(rank_rng) == ranks.world_size:
+            rng = rank_rng[ranks.rank]  # each rank continues its own dropout stream
+        elif ranks.rank > 0:  # another number of processes: continue, though not bit-exactly
+            torch.manual_seed(_rank_seed(config.seed, ranks.rank, state.global_step))
+            rng = {**_rng_state(), "numpy": rng["numpy"], "python": rng["python"]}
         logger.info(
             "resuming %s at stage %d, epoch %d, step %d",
             run_dir,
@@ -867,19 +977,36 @@ def _start_run(
             state.epoch,
             state.step,
         )
-        return _Run(run_dir, store, config, model, optimizer, state, device, saved["rng"])
+        return _Run(run_dir, store, config, model, optimizer, state, device, ranks, rng)
     if variant is None:
         raise ValueError("a fresh run needs a variant")
     config = config or PROFILES["paper"].config
     mconfig = _model_config(store, variant, model_options)
-    device = select_device(config.device)
-    _claim_run_dir(run_dir, overwrite=overwrite)
-    _seed_everything(config.seed)
+    device = _rank_device(config.device, ranks)
+    _claim_run_dir(run_dir, overwrite=overwrite, ranks=ranks)
+    _seed_everything(config.seed)  # the same initial weights on every rank
     model = SampleCNN(mconfig).to(device)
     optimizer = build_optimizer(model, config, stage=0)
-    run = _Run(run_dir, store, config, model, optimizer, _Progress(), device)
-    write_json(run_dir / RUN_CONFIG, {**run.info(), "model_config": mconfig.to_dict()})
+    if ranks.rank > 0:  # but each rank its own dropout masks
+        torch.manual_seed(_rank_seed(config.seed, ranks.rank, 0))
+    run = _Run(run_dir, store, config, model, optimizer, _Progress(), device, ranks)
+    if ranks.is_main:
+        write_json(run_dir / RUN_CONFIG, {**run.info(), "model_config": mconfig.to_dict()})
     return run
+
+
+def _rank_device(name: str, ranks: Ranks) -> torch.device:
+    """The device of this rank: as configured, but ``cuda:LOCAL_RANK`` for CUDA under DDP."""
+    device = select_device(name)
+    if ranks.distributed and device.type == "cuda":
+        return torch.device("cuda", ranks.local_rank)
+    return device
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed (CPU and CUDA) of rank ``rank`` > 0 from ``step`` on: dropout masks
+    independent of rank 0's."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -927,33 +1054,64 @@ def train(
         As in the official code, ``best.pt`` keeps the best epoch of the *current* stage (Keras'
         ModelCheckpoint restarts from +inf each stage), so the final model is the last stage's
         best even if an earlier stage reached a lower validation loss.
+
+    Note:
+        Started by ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set), every process
+        calls this and they train one model data-parallel (see the module docstring and
+        :mod:`resemul_core.distributed`); the store and ``run_dir`` must be visible to every
+        rank. A DDP run resumed with the same number of processes continues exactly; with
+        another number it continues correctly but with other dropout masks.
     """
     store = store if isinstance(store, SegmentStore) else open_store(store)
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1 or None, got {max_steps}")
-    train_set = SegmentDataset(store, "train")
+    train_set = SegmentBatches(store, "train")
     val_set: Dataset = SegmentDataset(store, "valid")
     for name, split in (("train", train_set), ("valid", val_set)):
         if len(split) == 0:
             raise ValueError(f"store {store.path} has no segments in its {name!r} split")
-    run = _start_run(
-        store,
-        Path(run_dir),
-        variant=variant,
-        config=config,
-        model_options=model_options,
-        resume=resume,
-        overwrite=overwrite,
-    )
-    config, state, model, device = run.config, run.state, run.model, run.device
+    cuda = select_device(_requested_device(Path(run_dir), config, resume=resume)).type == "cuda"
+    with process_group(cuda=cuda) as ranks:
+        run = _start_run(
+            store,
+            Path(run_dir),
+            variant=variant,
+            config=config,
+            model_options=model_options,
+            resume=resume,
+            overwrite=overwrite,
+            ranks=ranks,
+        )
+        return _fit(run, train_set, val_set, max_steps=max_steps, progress=progress)
+
+
+def _fit(
+    run: _Run,
+    train_set: SegmentBatches,
+    val_set: Dataset,
+    *,
+    max_steps: int | None,
+    progress: bool,
+) -> TrainResult:
+    """The loop of :func:`train`: epochs of steps, validation, stage changes, checkpoints."""
+    config, state, model, device, ranks = run.config, run.state, run.model, run.device, run.ranks
     if device.type == "cuda":
-        # fixed input shapes: let cuDNN pick its fastest kernels (GPU runs are not bitwise
-        # reproducible anyway)
-        torch.backends.cudnn.benchmark = True
+        enable_cuda_speedups()
     if config.val_segments is not None and config.val_segments < len(val_set):
-        val_set = torch.utils.data.Subset(val_set, range(config.val_segments))
+        val_set = Subset(val_set, range(config.val_segments))
     num_steps = steps_per_epoch(len(train_set), config)
-    forward = torch.compile(model) if config.compile else model
+    net: nn.Module = model
+    if ranks.distributed:
+        if config.sync_bn:
+            convert_sync_batchnorm(model)
+        net = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            forward_sync_buffers=not config.sync_bn,  # synced BN keeps them equal everywhere
+            gradient_as_bucket_view=True,
+        )
+    forward = torch.compile(net) if config.compile else net
+    resident = ResidentSplit(train_set, device) if config.data_on_device else None
     if run.saved_rng is not None:
         _set_rng_state(run.saved_rng)  # after everything that draws random numbers
     steps_this_call = 0
@@ -965,37 +1123,33 @@ def train(
             seed=config.seed,
             epoch=state.epoch,
         )
-        loader = DataLoader(
-            train_set,
-            batch_sampler=batches[state.step :].tolist(),
-            num_workers=config.num_workers,
-            pin_memory=device.type == "cuda",
-            generator=torch.Generator(),  # keeps the loader off the global RNG
-        )
+        rows = shard(batches[state.step :], rank=ranks.rank, world_size=ranks.world_size)
+        share = rows.shape[1] / config.batch_size  # of the global batch; 1 in one process
         stage_lr = stage_learning_rate(config, state.stage.stage)
         bar = tqdm(
             total=num_steps,
             initial=state.step,
             desc=f"stage {state.stage.stage} epoch {state.epoch}",
-            disable=not progress,
+            disable=not (progress and ranks.is_main),
             leave=False,
         )
         model.train()
         pending: list[torch.Tensor] = []  # losses still on the device
         started = time.perf_counter()
-        for waveform, labels in loader:
-            waveform = waveform.to(device, non_blocking=True)  # B, L
-            labels = labels.to(device, non_blocking=True)  # B, T
+        for waveform, labels in device_batches(
+            train_set, rows, device=device, num_workers=config.num_workers, resident=resident
+        ):
             lr = decayed_learning_rate(stage_lr, state.stage_step, decay=config.lr_decay)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            with _autocast(device, config.autocast):
-                logits = forward(waveform)  # B, T
-            loss = bce_loss(logits, labels)
-            run.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            run.optimizer.step()
-            pending.append(loss.detach())
+            loss = train_step(
+                forward,
+                run.optimizer,
+                waveform,  # B, L
+                labels,  # B, T
+                lr=lr,
+                autocast=config.autocast,
+                loss_weight=share * ranks.world_size,
+            )
+            pending.append(loss * share if ranks.distributed else loss)
             state.step += 1
             state.stage_step += 1
             state.global_step += 1
@@ -1018,6 +1172,7 @@ def train(
         bar.close()
         state.train_seconds += time.perf_counter() - started
         started = time.perf_counter()
+        ranks.broadcast_buffers(model)  # per-rank BN statistics (no sync_bn): rank 0's
         val_loss = validation_loss(
             model,
             val_set,
@@ -1025,7 +1180,8 @@ def train(
             device=device,
             autocast=config.autocast,
             num_workers=config.num_workers,
-            progress=progress,
+            progress=progress and ranks.is_main,
+            distributed=ranks.distributed,
         )
         last_lr = decayed_learning_rate(stage_lr, state.stage_step - 1, decay=config.lr_decay)
         run.end_epoch(
@@ -1033,3 +1189,92 @@ def train(
         )
     logger.info("run %s finished after %d epochs; model: %s", run.dir, state.epoch, run.best_path)
     return run.result()
+
+
+def enable_cuda_speedups() -> None:
+    """Let cuDNN autotune its kernels and fp32 convolutions and matmuls use TF32 (process-wide).
+
+    Training shapes are fixed, so autotuning pays from the second step on; TF32 only touches
+    what bf16 autocast leaves in fp32 (all of a ``--no-autocast`` run). GPU runs are not
+    bitwise reproducible anyway; CPU runs are unaffected.
+    """
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+
+def _requested_device(run_dir: Path, config: TrainConfig | None, *, resume: bool) -> str:
+    """The device a run will ask for, known before the run is set up (to pick the DDP backend)."""
+    if config is not None:
+        return config.device
+    if resume and (run_dir / LAST_CHECKPOINT).is_file():
+        with contextlib.suppress(CheckpointError):
+            return saved_train_config(run_dir).device
+    return "auto"
+
+
+class ResidentSplit:
+    """A split's int16 segments and labels held on the device; batches are gathered there.
+
+    Args:
+        batches: the split (its store is read once, 64 clips at a time).
+        device: where to hold it. MTAT's training split takes 18 GB as int16 (15,250 clips
+            x 10 x 59,049 samples); under DDP every rank holds all of it.
+    """
+
+    def __init__(self, batches: SegmentBatches, device: torch.device) -> None:
+        store = batches.items.store
+        clips, local = np.unique(batches.items.clip_index, return_inverse=True)
+        shape = (len(clips), store.segments_per_clip, store.segment_length)
+        self.segments = torch.empty(shape, dtype=torch.int16, device=device)  # clips, S, L
+        for start in range(0, len(clips), 64):  # 64 clips (75 MB for MTAT) of host memory at once
+            part = np.ascontiguousarray(store.segments[clips[start : start + 64]])
+            self.segments[start : start + 64].copy_(torch.from_numpy(part))
+        self.clip = torch.from_numpy(local.astype(np.int64)).to(device)  # item -> row above
+        self.slot = torch.from_numpy(batches.items.segment_index).to(device)  # item -> segment
+        self.labels = torch.from_numpy(store.labels[clips].astype(np.float32)).to(device)
+        logger.info("training split on %s: %.2f GB of int16", device, self.segments.nbytes / 1e9)
+
+    def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, L)`` float32 waveforms and ``(B, T)`` labels of items ``rows`` (on the device)."""
+        clip = self.clip[rows]
+        return dequantize_tensor(self.segments[clip, self.slot[rows]]), self.labels[clip]
+
+
+def device_batches(
+    batches: SegmentBatches,
+    rows: np.ndarray,
+    *,
+    device: torch.device,
+    num_workers: int = 0,
+    resident: ResidentSplit | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The training batches of a plan, on the device, one per row of ``rows``.
+
+    Args:
+        batches: the split.
+        rows: ``(steps, B)`` item indices (:func:`epoch_batches`, or a rank's shard of it).
+        device: where the batches go.
+        num_workers: DataLoader worker processes reading the int16 batches.
+        resident: gather from this copy of the split on the device instead of reading.
+
+    Yields:
+        ``(B, L)`` float32 waveforms and ``(B, T)`` labels on ``device``: gathered from
+        ``resident``, or read as int16 by the DataLoader (into pinned memory on CUDA), copied
+        without blocking and dequantized on the device. Both give the same values.
+    """
+    if resident is not None:
+        for step_rows in torch.from_numpy(rows).to(device):  # the plan, copied once
+            yield resident.batch(step_rows)
+        return
+    loader = DataLoader(
+        batches,
+        sampler=list(rows),
+        batch_size=None,  # items are whole batches
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),  # keeps the loader off the global RNG
+    )
+    for samples, labels in loader:
+        waveform = dequantize_tensor(samples.to(device, non_blocking=True))  # B, L
+        yield waveform, labels.to(device, non_blocking=True)
