@@ -86,7 +86,7 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .files import atomic_write, write_json, write_text
 

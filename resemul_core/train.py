@@ -58,7 +58,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .checkpoint import (
     BEST_CHECKPOINT,

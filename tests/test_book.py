@@ -81,6 +81,15 @@ def test_every_notebook_executes_with_the_tiny_profile(built_book):
     assert executed == ["01_data.ipynb", "03_evaluate.ipynb", "04_excitations.ipynb"] + [
         f"train/{v}.ipynb" for v in VARIANTS
     ]
+    for page, figures in [("01_data", 3), ("03_evaluate", 2), ("04_excitations", 4)]:
+        notebook = nbformat.read(book / "executed" / f"{page}.ipynb", as_version=4)
+        images = [
+            o
+            for c in notebook.cells
+            for o in c.get("outputs", [])
+            if "image/png" in o.get("data", {})
+        ]
+        assert len(images) == figures, page  # figures display as images, not as their repr
     evaluation = nbformat.read(book / "executed" / "03_evaluate.ipynb", as_version=4)
     assert not any(
         o.get("output_type") == "error" for c in evaluation.cells for o in c.get("outputs", [])
