@@ -11,13 +11,14 @@ Shape legend (paper width, 9 blocks): B = batch, T = 59049 input samples.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import nn
 
 from .blocks import KERAS_BN_EPS, KERAS_BN_MOMENTUM, BasicBlock, ResidualBlock, batch_norm
+from .config import DictConfig
 
 __all__ = [
     "VARIANTS",
@@ -55,7 +56,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(DictConfig):
     """Everything needed to rebuild a model; stored in every checkpoint.
 
     Defaults are the paper's (SPEC §2); only ``block`` and ``multi`` differ between the
@@ -114,17 +115,6 @@ class ModelConfig:
 
     def scale(self, channels: int) -> int:
         return max(1, round(channels * self.width))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {', '.join(sorted(unknown))}")
-        return cls(**data)
 
 
 def model_config(name: str, **overrides: Any) -> ModelConfig:

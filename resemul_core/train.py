@@ -67,6 +67,7 @@ from .checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from .config import DictConfig
 from .datasets import SegmentBatches, SegmentDataset, dequantize_tensor
 from .distributed import Ranks, convert_sync_batchnorm, process_group, shard
 from .files import atomic_write, write_json
@@ -127,7 +128,7 @@ _LOSS_CHECK_EVERY = 50
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DictConfig):
     """Every number of the training recipe; stored in every checkpoint.
 
     The defaults are the paper's (``R:train.py``, SPEC §3). The fields in
@@ -184,17 +185,6 @@ class TrainConfig:
             raise ValueError("patience, lr_decay, weight_decay and momentum must be >= 0")
         if self.num_workers < 0:
             raise ValueError(f"TrainConfig.num_workers must be >= 0, got {self.num_workers}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {', '.join(sorted(unknown))}")
-        return cls(**data)
 
 
 #: TrainConfig fields that do not change the result and may differ when a run is resumed.
