@@ -24,6 +24,7 @@ Everything written depends only on the plan and the audio, never on timing or wo
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ import os
 import shutil
 import struct
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,9 @@ __all__ = ["DATASETS", "prepare_dataset", "prepare_store", "store_summary"]
 logger = logging.getLogger(__name__)
 
 WORK_DIR = ".prepare"
+#: Clips submitted to each worker process ahead of the results: enough to keep workers busy,
+#: few enough that the parent's memory does not grow with the number of clips.
+IN_FLIGHT_PER_WORKER = 8
 _STORE_FILES = ("manifest.json", "clips.csv", "labels.npy", "segments.npy")
 
 
@@ -206,10 +210,21 @@ def _run(
             initializer=_init_worker,
             initargs=(str(segments_path), offset, params),
         )
+        # A bounded window of submitted clips, refilled as clips finish: the parent holds
+        # O(workers) futures, not one per clip (hundreds of thousands for the MSD).
+        todo = iter(tasks)
         try:
-            futures = [pool.submit(_process_task, task) for task in tasks]
-            for future in as_completed(futures):
-                record(future.result())
+            pending = {
+                pool.submit(_process_task, task)
+                for task in itertools.islice(todo, workers * IN_FLIGHT_PER_WORKER)
+            }
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    record(future.result())
+                pending |= {
+                    pool.submit(_process_task, task) for task in itertools.islice(todo, len(done))
+                }
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 

@@ -327,7 +327,9 @@ def write_store_from_arrays(
     Args:
         out: store directory (created; an existing store there is replaced).
         waveforms: per clip, ``(n_seg_i, L)`` float32 segments in [-1, 1]; all with the same
-            ``L``. ``segments_per_clip`` becomes ``max(n_seg_i)``.
+            ``L``. ``segments_per_clip`` becomes ``max(n_seg_i)``. Read clip by clip (twice:
+            shapes first), so a sequence that makes its clips on demand keeps memory at one
+            clip's worth.
         labels: ``(num_clips, num_tags)`` 0/1.
         splits: per clip, one of 'train', 'valid', 'test'.
         tags: ``num_tags`` tag names.
@@ -349,30 +351,41 @@ def write_store_from_arrays(
     bad = sorted({s for s in splits if s not in SPLITS})
     if bad:
         raise ValueError(f"unknown split(s) {bad}; valid splits: {', '.join(SPLITS)}")
-    arrays = [np.asarray(w, dtype=np.float32) for w in waveforms]
-    shapes = {w.shape[1:] for w in arrays}
-    if any(w.ndim != 2 for w in arrays) or len(shapes) != 1:
-        raise ValueError(
-            f"waveforms must all be (n_seg, L) with one L, found {[w.shape for w in arrays]}"
-        )
-    length = arrays[0].shape[1]
-    per_clip = max(w.shape[0] for w in arrays)
+    shapes = [np.shape(w) for w in waveforms]
+    if any(len(s) != 2 for s in shapes) or len({s[1] for s in shapes}) != 1:
+        raise ValueError(f"waveforms must all be (n_seg, L) with one L, found {shapes}")
+    length = shapes[0][1]
+    per_clip = max(s[0] for s in shapes)
     ids = [str(c) for c in clip_ids] if clip_ids is not None else [str(i) for i in range(n)]
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)
-    quantized = np.zeros((n, per_clip, length), dtype=np.int16)
+    # Quantised clip by clip into a memory-mapped temporary file, then renamed into place:
+    # memory holds one clip at a time, never a second copy of every waveform (the same
+    # bytes as np.save of the whole array; unwritten slots of the sparse file read as 0).
+    tmp = out / ".segments.npy.tmp"
     digests = []
-    for i, w in enumerate(arrays):
-        quantized[i, : w.shape[0]] = quantize(w)
-        digests.append(clip_digest(quantized[i, : w.shape[0]]))
-    with atomic_write(out / "segments.npy") as handle:
-        np.save(handle, quantized)
+    try:
+        segments = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype="<i2", shape=(n, per_clip, length)
+        )
+        for i, w in enumerate(waveforms):
+            q = quantize(w)
+            segments[i, : len(q)] = q
+            digests.append(clip_digest(q))
+        segments.flush()
+        del segments
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, out / "segments.npy")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     clips = pd.DataFrame(
         {
             "clip_id": ids,
             "path": ids,
             "split": list(splits),
-            "num_segments": [w.shape[0] for w in arrays],
+            "num_segments": [s[0] for s in shapes],
             "digest": digests,
         }
     )

@@ -66,6 +66,11 @@ from a seeded permutation (``index -> perm[index] % 16``), so each of the 16 fol
 ``num_clips / 16`` clips (±1) whatever the tags: folders 0-b = train, c = valid, d-f = test;
 every clip has the same length. Same seed, same arguments: byte-identical CSV and mp3 files
 (libsndfile's MP3 encoder is deterministic), whatever ``workers`` is.
+
+At MagnaTagATune's full size (25,863 clips) rendering and encoding every clip takes over half
+an hour on two cores; :mod:`resemul_core.synth_release` (``resemul data synth --mtat``) writes
+such a release in minutes, as level variants of a bank of clips rendered by this module, with
+MTAT's split counts and quirks.
 """
 
 from __future__ import annotations
@@ -732,15 +737,10 @@ def ensure_dataset(
         "sample_rate": sample_rate,
         "duration": duration,
     }
-    saved = root / PARAMS_FILE
-    if (root / "annotations_final.csv").is_file() and saved.is_file():
-        try:
-            record = json.loads(saved.read_text())
-        except (OSError, json.JSONDecodeError):
-            record = {}
-        if record.get("params") == params:
-            logger.info("%s already holds this synthetic dataset; not regenerating", root)
-            return {**record["summary"], "reused": True}
+    saved = saved_summary(root, params)
+    if saved is not None:
+        logger.info("%s already holds this synthetic dataset; not regenerating", root)
+        return {**saved, "reused": True}
     return {
         **generate_dataset(
             root,
@@ -753,3 +753,16 @@ def ensure_dataset(
         ),
         "reused": False,
     }
+
+
+def saved_summary(root: Path, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary saved with the complete dataset in ``root`` if it was made with ``params``
+    (its ``annotations_final.csv``, written last, marks it complete); otherwise None."""
+    saved = root / PARAMS_FILE
+    if not ((root / "annotations_final.csv").is_file() and saved.is_file()):
+        return None
+    try:
+        record = json.loads(saved.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record["summary"] if record.get("params") == params else None

@@ -275,3 +275,56 @@ def test_resume_refuses_another_plan_and_a_corrupt_journal(tmp_path):
     journal.write_bytes(lines[0] + b"garbage\n" + b"".join(lines[1:]))
     with pytest.raises(ValueError, match=r"journal\.jsonl: line 2 is corrupt"):
         prepare(table, out, workers=1)
+
+
+def test_prepare_keeps_a_bounded_window_of_clips_in_flight(tmp_path, monkeypatch):
+    from resemul_core import prepare as prep
+
+    table = make_dataset(tmp_path / "data")
+    prepare(table, tmp_path / "reference", workers=1)
+    submitted, finished, outstanding = [], [], []
+
+    class Counting(prep.ProcessPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            future = super().submit(fn, *args, **kwargs)
+            submitted.append(future)
+            outstanding.append(len(submitted) - len(finished))
+            future.add_done_callback(finished.append)
+            return future
+
+    monkeypatch.setattr(prep, "ProcessPoolExecutor", Counting)
+    monkeypatch.setattr(prep, "IN_FLIGHT_PER_WORKER", 1)
+    prepare(table, tmp_path / "store", workers=2)
+    assert len(submitted) == 12 and max(outstanding) <= 2  # 2 workers x 1, not all 12 at once
+    for name in STORE_FILES:
+        assert (tmp_path / "store" / name).read_bytes() == (
+            tmp_path / "reference" / name
+        ).read_bytes(), name
+
+
+class LazyClips:
+    """Clips made on demand, as a caller with more clips than memory would pass them."""
+
+    def __init__(self, count: int) -> None:
+        self.count, self.made = count, 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        self.made += 1
+        return noise(0.1, i)[: 2 * LENGTH].reshape(2, LENGTH)
+
+
+def test_write_store_from_arrays_reads_clips_one_by_one(tmp_path):
+    lazy = LazyClips(5)
+    kwargs = {"labels": np.eye(5, 2, dtype=np.uint8), "splits": ["train"] * 5, "tags": ["a", "b"]}
+    store = write_store_from_arrays(tmp_path / "lazy", waveforms=lazy, **kwargs)
+    listed = write_store_from_arrays(tmp_path / "list", waveforms=list(LazyClips(5)), **kwargs)
+    assert lazy.made == 10  # twice per clip (shapes, then samples), never all at once
+    assert store.fingerprint == listed.fingerprint
+    for name in STORE_FILES:
+        assert (tmp_path / "lazy" / name).read_bytes() == (tmp_path / "list" / name).read_bytes()
+    assert not list((tmp_path / "lazy").glob(".*tmp"))

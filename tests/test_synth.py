@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import io
 import re
 from collections import Counter
 from pathlib import Path
@@ -11,7 +12,9 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from resemul_core import synth
+from resemul_core import cli, sources, synth, synth_release
+from resemul_core.prepare import prepare_store
+from resemul_core.sources import MTAT_KNOWN_BROKEN, read_mtat
 from resemul_core.synth import (
     DEFAULT_NUM_CLIPS,
     PARAMS_FILE,
@@ -19,6 +22,7 @@ from resemul_core.synth import (
     ensure_dataset,
     generate_dataset,
 )
+from resemul_core.synth_release import ensure_release, generate_release, shift_mp3_gain
 from resemul_core.tags import MTAT_TOP50_TAGS
 
 NAME = re.compile(r"^[0-9a-f]/synthetic_artist_\d{3}-synthetic_album-\d{2}-track-0-29\.mp3$")
@@ -213,3 +217,123 @@ def test_names_and_folders_do_not_depend_on_tags(monkeypatch):
     fixed = synth._sample_spec(np.random.default_rng(0))
     monkeypatch.setattr(synth, "_sample_spec", lambda rng: fixed)
     assert [c.mp3_path for c in synth._plan(200, 4)] == real
+
+
+# --- the fast MTAT-sized release (synth_release) --------------------------------------------
+
+RELEASE_NAME = re.compile(
+    r"^[0-9a-f]/synthetic_artist_(\d{3})-synthetic_album_\1-(\d{2})-track_\2-(\d+)-(\d+)\.mp3$"
+)
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> tuple[Path, dict]:
+    """80 clips of 2 s from a bank of 6, with MTAT's zero-byte and short clips."""
+    root = tmp_path_factory.mktemp("release")
+    summary = generate_release(
+        root, num_clips=80, bank_size=6, seed=2, duration=2.0, workers=1, progress=False
+    )
+    return root, summary
+
+
+def test_release_has_mtat_layout_and_the_promised_split_counts(release):
+    root, summary = release
+    table = pd.read_csv(root / "annotations_final.csv", sep="\t")
+    assert list(table.columns) == ["clip_id", *SYNTH_TAGS, "mp3_path"]
+    assert len(table) == summary["clips"] == 80 and summary["bank"] == 6
+    assert table["clip_id"].is_unique and table["clip_id"].is_monotonic_increasing
+    on_disk = sorted(p.relative_to(root / "mp3").as_posix() for p in root.rglob("*.mp3"))
+    assert on_disk == sorted(table["mp3_path"]) and len(set(on_disk)) == 80
+    assert {p[0] for p in table["mp3_path"]} == set("0123456789abcdef")
+    synthetic = table["mp3_path"][~table["mp3_path"].isin(MTAT_KNOWN_BROKEN)]
+    assert len(synthetic) == 77 and synthetic.str.match(RELEASE_NAME).all()
+    assert all((root / "mp3" / p).stat().st_size == 0 for p in MTAT_KNOWN_BROKEN)
+    tagless = table[list(SYNTH_TAGS)].sum(axis=1) == 0
+    assert tagless.sum() == 80 - sum(summary["expected"]["resemul"]["source"]) > 0
+    assert summary["splits"] == {
+        s: int(table["mp3_path"].str[0].map(SPLIT).eq(s).sum()) for s in ("train", "valid", "test")
+    }
+    for policy in ("paper", "resemul"):  # the reader and the prepared store agree with it
+        source = read_mtat(root, split_policy=policy, min_duration=2.0)
+        assert list(source.split_counts()) == summary["expected"][policy]["source"]
+        store = prepare_store(
+            source,
+            root.parent / f"store-{policy}",
+            sample_rate=16000,
+            segment_length=8000,
+            segments_per_clip=2,
+            clip_duration=1.0,
+            workers=1,
+            progress=False,
+        )
+        counts = [store.manifest["counts"][s]["clips"] for s in ("train", "valid", "test")]
+        assert counts == summary["expected"][policy]["store"]
+
+
+def test_release_clips_are_level_variants_with_matching_tags(release):
+    root, _ = release
+    rows, _ = synth_release._plan_release(80, 2, 6, 2.0, True)
+    table = pd.read_csv(root / "annotations_final.csv", sep="\t")
+    assert list(table["mp3_path"]) == [r.mp3_path for r in rows]
+    for row in rows:
+        if row.empty:
+            continue
+        info = sf.info(root / "mp3" / row.mp3_path)
+        assert (info.format, info.samplerate, info.channels) == ("MP3", 16000, 1)
+        assert (info.duration >= 2.0) == (row.duration == 2.0)  # the 3 short ones are short
+        audio, _ = sf.read(root / "mp3" / row.mp3_path)
+        planned = -13.0 + row.gain_steps * synth_release.GAIN_STEP_DB
+        assert abs(_rms_db(audio) - planned) < 1.0  # the limiter and encoder delay: < 1 dB
+        if row.tags:
+            assert ("loud" in row.tags) == (planned >= -19) and ("quiet" in row.tags) == (
+                planned <= -37
+            )
+
+
+def test_release_at_mtat_size_reproduces_the_real_counts():
+    rows, bank = synth_release._plan_release(synth_release.MTAT_CLIPS, 0, 1024, 29.1, True)
+    assert len(rows) == 25_863 and len(bank) == 1024
+    assert Counter(r.split for r in rows) == {"train": 18_683, "valid": 1_873, "test": 5_307}
+    expected = synth_release._expected_counts(rows, 29.1)
+    for policy, counts in sources._MTAT_EXPECTED.items():
+        assert expected[policy] == {k: list(v) for k, v in counts.items()}
+    # a bank clip's variants stay in one split: no music shared between splits
+    assert all(len({r.split for r in rows if r.bank == b}) == 1 for b in range(0, 1024, 97))
+
+
+def test_shift_mp3_gain_scales_the_decoded_audio_exactly(tmp_path):
+    audio = (0.3 * np.sin(np.arange(16000) * 0.05)).astype(np.float32)
+    for options in ({"bitrate_mode": "CONSTANT", "compression_level": 0.85}, {}):  # CBR, VBR
+        buffer = io.BytesIO()
+        sf.write(buffer, audio, 16000, format="MP3", **options)
+        original, _ = sf.read(io.BytesIO(buffer.getvalue()))
+        for steps in (-8, -1, 2):
+            scaled, _ = sf.read(io.BytesIO(shift_mp3_gain(buffer.getvalue(), steps)))
+            assert scaled.shape == original.shape
+            np.testing.assert_allclose(scaled, original * 2 ** (steps / 4), atol=1e-5)
+    wav = io.BytesIO()
+    sf.write(wav, audio, 16000, format="WAV")
+    with pytest.raises(ValueError, match="no MPEG frame header"):
+        shift_mp3_gain(wav.getvalue(), -1)
+
+
+def test_release_is_deterministic_whatever_the_workers_and_is_reused(tmp_path, release):
+    root, _ = release
+    kwargs = {"num_clips": 80, "bank_size": 6, "duration": 2.0, "progress": False}
+    generate_release(tmp_path / "b", seed=2, workers=2, **kwargs)
+    a, b = _files(root), _files(tmp_path / "b")
+    for files in (a, b):
+        files.pop(PARAMS_FILE)  # records the wall time taken
+    assert len(a) == 81 and a == b  # CSV + 80 mp3s, byte for byte
+    assert ensure_release(tmp_path / "b", seed=2, workers=1, **kwargs)["reused"] is True
+    other = ensure_release(tmp_path / "b", seed=3, workers=1, **kwargs)
+    assert other["reused"] is False
+    assert (tmp_path / "b" / "annotations_final.csv").read_bytes() != a["annotations_final.csv"]
+
+
+def test_release_cli(tmp_path, capsys):
+    assert cli.main(["data", "synth", "--mtat", "--out", str(tmp_path), "--clips", "64",
+                     "--bank", "3", "--workers", "1"]) == 0  # fmt: skip
+    assert "expected" in capsys.readouterr().out
+    assert len(list(tmp_path.rglob("*.mp3"))) == 64
+    assert cli.main(["data", "synth", "--out", str(tmp_path), "--bank", "3"]) == 2
