@@ -24,7 +24,7 @@ UP    := ../..
 ROOT_PARAM := $(if $(filter mtat,$(DATASET)),$(abspath $(MTAT_ROOT)),$(UP)/data/$(DATASET))
 PAPERMILL  := $(BIN)/papermill --cwd $(NB) --no-progress-bar
 
-.PHONY: install test lint book bench clean
+.PHONY: install test lint book bench gpu-check gpu-wheels clean
 
 install: $(STAMP)
 
@@ -36,7 +36,9 @@ $(STAMP): pyproject.toml constraints.txt
 		-c constraints.txt torch==2.13.0 -e '.[book,dev]'
 	touch $(STAMP)
 
+# The GPU check's reduced CPU mode runs first, so that pytest's summary closes the output.
 test: $(STAMP)
+	@$(MAKE) --no-print-directory gpu-check DEVICE=cpu GPU_PYTHON=$(BIN)/python GPU_WHEELS=
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -73,6 +75,27 @@ book: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# `make gpu-check` proves the GPU path in minutes (bench/gpu_check.py; README, "Training on a
+# GPU"). It runs from the checkout with the machine's own python3 and torch (PYTHONPATH=.), not
+# .venv, so that it works on a GPU host with no package index; what such a host lacks comes as
+# wheels that `make gpu-wheels` downloads into .whl/ beforehand, where the index is reachable.
+# DEVICE=cpu runs its reduced mode (`make test` does); DEVICE=auto picks CUDA when present.
+GPU_PYTHON ?= python3
+GPU_WHEELS ?= .whl
+GPU_SITE   ?= /tmp/resemul-gpu-site
+
+gpu-check:
+	@site=; if [ -n "$(GPU_WHEELS)" ] && ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1; then \
+		echo "== gpu-check: installing $$(ls $(GPU_WHEELS)/*.whl | wc -l) wheels into $(GPU_SITE)"; \
+		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+			--upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl || exit 1; \
+		site=:$(GPU_SITE); fi; \
+	PYTHONPATH=$(CURDIR)$$site$${PYTHONPATH:+:$$PYTHONPATH} \
+		$(GPU_PYTHON) bench/gpu_check.py --device $(DEVICE)
+
+gpu-wheels:
+	bash bench/gpu_wheels.sh
 
 # Keeps data/ and runs/ (they are expensive); remove those by hand.
 clean:

@@ -4,8 +4,9 @@
   generated mp3 clips (29.1 s, 16 kHz mono like MTAT's) with one process and with every core,
   against a plain ``librosa.load(path, sr=22050, duration=29)`` loop (decoding and resampling
   only, the usual baseline).
-* :func:`make_bench_data`, :func:`time_loaders`: a segment store of random clips and the same
-  clips as one decoded float32 ``.npy`` file each (how peer repositories feed their models),
+* :func:`make_bench_data`, :func:`write_npy_clips`, :func:`time_loaders`: a segment store of
+  random clips and the same clips as one decoded float32 ``.npy`` file each (how peer
+  repositories feed their models),
   then segments/s of the loaders: :class:`~resemul_core.datasets.SegmentDataset` read by
   read, through a ``DataLoader``, :class:`~resemul_core.datasets.SegmentBatches` (one int16
   read per batch), and the per-item ``.npy`` baseline (:class:`NpyClips`).
@@ -91,12 +92,19 @@ def make_bench_data(
         splits=["train"] * clips,
         tags=[f"tag{k}" for k in range(num_tags)],
     )
-    npy = folder / "npy"
-    npy.mkdir(parents=True, exist_ok=True)
-    for i, w in enumerate(waveforms):
-        np.save(npy / f"clip{i}.npy", w.astype(np.float32).reshape(-1))
-    np.save(npy / "labels.npy", labels.astype(np.float32))
-    return store, npy
+    return store, write_npy_clips(store, folder / "npy")
+
+
+def write_npy_clips(store: SegmentStore, folder: Path, *, split: str = "train") -> Path:
+    """The clips of a store's split as the baseline reads them: ``clip{i}.npy``, the decoded
+    float32 clip ``(segments_per_clip * segment_length,)`` of the split's ``i``-th clip, and
+    ``labels.npy`` ``(clips, num_tags)`` float32. Returns ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    indices = store.split_indices(split)
+    for i, index in enumerate(indices):
+        np.save(folder / f"clip{i}.npy", store.read_clip(int(index)).reshape(-1))
+    np.save(folder / "labels.npy", np.asarray(store.labels)[indices].astype(np.float32))
+    return folder
 
 
 class NpyClips(Dataset):

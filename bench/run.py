@@ -2,10 +2,15 @@
 
 Sections (``--sections``, default ``train,loader,infer``):
 
-* ``train``: segments/s of forward + backward + SGD per variant, our training step fed from
-  the store (bf16 autocast, cuDNN autotuning, TF32, int16 batches dequantized on the device,
-  optional ``--compile`` and ``--data-on-device``) against a plain fp32 eager loop reading one
-  float32 ``.npy`` per clip, in the same process, and the ratio (``train_speed.py``);
+* ``train``: segments/s of forward + backward + SGD per variant (``train_speed.py``). Ours is
+  the library's training step fed from the store at ``--precision`` (bf16 by default), with
+  the backends ``configure_backends`` sets (TF32 and cuDNN autotuning on CUDA), in the modes
+  ``eager+loader`` (int16 batches through a ``DataLoader``), ``eager+resident`` (the split held
+  on the device) and, with ``--compile``, ``compiled+resident`` (``compile_model``: CUDA graphs
+  on one GPU; dynamo is reset between variants and a compile failure is a failed row, never a
+  silent fall-back to eager). The baseline, a plain fp32 eager loop reading one float32 ``.npy``
+  per clip with ``loss.item()`` every step, runs afterwards in a fresh process of its own, so
+  that it keeps PyTorch's default backend settings; the ratio is the fastest of ours over it;
 * ``loader``: segments/s of the store's loaders and of the ``.npy`` baseline, beside what the
   model consumes (``data_speed.py``);
 * ``infer``: seconds to tag a generated 30 s, 44.1 kHz wav with ``Tagger`` (se-multi) on the
@@ -19,6 +24,9 @@ Usage::
     .venv/bin/python bench/run.py --device cuda --variants all --compile \\
         --json bench/out/gpu.json --markdown bench/out/gpu.md
     .venv/bin/python bench/run.py --sections prepare --prepare-clips 40
+
+``bench/gpu_check.py`` measures the same modes on a GPU with every variant compiled in
+parallel processes first.
 """
 
 from __future__ import annotations
@@ -37,9 +45,11 @@ import numpy as np
 import soundfile as sf
 import torch
 from data_speed import make_bench_data, make_clips, time_librosa, time_loaders, time_prepare
-from train_speed import time_baseline, time_ours
+from train_speed import MODES, first_line, run_baseline_process, time_ours
 
 from resemul_core.model import VARIANTS, build_model
+from resemul_core.precision import PRECISIONS
+from resemul_core.store import SegmentStore
 from resemul_core.tagger import Tagger
 from resemul_core.train import select_device
 
@@ -79,8 +89,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (3)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--compile", action="store_true", help="torch.compile our model")
-    parser.add_argument("--data-on-device", action="store_true", help="split held on device")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time compiled+resident (compile_model)"
+    )
+    parser.add_argument(
+        "--data-on-device", action="store_true", help="time ours only with the split on device"
+    )
+    parser.add_argument(
+        "--modes", help=f"ours' modes, comma-separated, overriding the two flags above: {MODES}"
+    )
+    parser.add_argument(
+        "--precision", default="bf16", choices=PRECISIONS, help="ours' precision (bf16)"
+    )
+    parser.add_argument("--chunks", type=int, default=5, help="timed chunks; median (5)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (2)")
     parser.add_argument("--clips", type=int, default=64, help="clips of 10 segments (64)")
     parser.add_argument("--loader-segments", type=int, default=4600, help="segments (4600)")
@@ -103,7 +124,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown sections {unknown}; valid: {', '.join(SECTIONS)}")
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     args.variants = [v.strip() for v in names if v.strip()]
+    if args.modes is None:
+        args.modes = [m for m in MODES[:2] if not (args.data_on_device and m == "eager+loader")]
+        args.modes += ["compiled+resident"] if args.compile else []
+    else:
+        args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = sorted(set(args.modes) - set(MODES))
+    if bad or not args.modes:
+        parser.error(f"unknown or no modes {bad}; valid: {', '.join(MODES)}")
     return args
+
+
+def train_section(
+    args: argparse.Namespace, device: torch.device, store: SegmentStore, npy: Path
+) -> list[dict]:
+    """Ours in every mode, variant by variant, then the baseline of all in its own process."""
+    common = {
+        "width": args.width,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "device": device,
+        "num_workers": args.workers,
+        "chunks": args.chunks,
+    }
+    rows = []
+    for variant in args.variants:
+        row: dict = {"variant": variant, "params": None, "precision": args.precision, "modes": {}}
+        for mode in args.modes:
+            try:
+                figures = time_ours(
+                    variant, store=store, mode=mode, precision=args.precision, **common
+                )
+                row["params"] = figures["params"]
+            except Exception as err:  # a failed compile is a row marked failed, never eager
+                figures = {"error": first_line(err)}
+            row["modes"][mode] = figures
+        rows.append(row)
+        cells = ", ".join(f"{m} {_cell(f)}" for m, f in row["modes"].items())
+        print(f"  ours {variant}: {cells}", flush=True)
+    print("  baseline: all variants in a fresh process ...", flush=True)
+    baseline = run_baseline_process(args.variants, store=store.path, npy=npy, **common)
+    print(f"\n{'variant':<13}{'params':>11}" + "".join(f"{m:>19}" for m in args.modes), end="")
+    print(f"{'baseline':>10}{'ratio':>7}")
+    for row in rows:
+        row["baseline"] = baseline[row["variant"]]
+        ours = {m: f["segments_per_s"] for m, f in row["modes"].items() if "error" not in f}
+        base = row["baseline"].get("segments_per_s")
+        row["fastest_mode"] = max(ours, key=ours.get) if ours else None
+        row["ratio"] = ours[row["fastest_mode"]] / base if ours and base else None
+        print(
+            f"{row['variant']:<13}{row['params'] or 0:>11,}"
+            + "".join(f"{_cell(row['modes'][m]):>19}" for m in args.modes)
+            + f"{_cell(row['baseline']):>10}{_ratio(row['ratio']):>7}",
+            flush=True,
+        )
+    for row in rows:
+        for mode, figures in [*row["modes"].items(), ("baseline", row["baseline"])]:
+            if "error" in figures:
+                print(f"FAILED {row['variant']} {mode}: {figures['error']}", flush=True)
+    return rows
+
+
+def _cell(figures: dict) -> str:
+    return "failed" if "error" in figures else f"{figures['segments_per_s']:,.1f}"
+
+
+def _ratio(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}"
 
 
 def run(args: argparse.Namespace, folder: Path) -> dict:
@@ -117,7 +205,7 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
         "device": str(device),
         "settings": {
             k: getattr(args, k)
-            for k in ("width", "batch_size", "steps", "warmup", "compile", "data_on_device")
+            for k in ("width", "batch_size", "steps", "warmup", "chunks", "modes", "precision")
         }
         | {"workers": args.workers, "clips": args.clips},
     }
@@ -125,40 +213,11 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
     if "train" in args.sections or "loader" in args.sections:
         store, npy = make_bench_data(folder / "data", clips=args.clips)
     if "train" in args.sections:
-        print(f"\n## training, width {args.width:g}, batch {args.batch_size}, segments/s")
-        print(f"{'variant':<13} {'params':>11} {'ours':>9} {'baseline':>9} {'ratio':>6}")
-        rows = []
-        for variant in args.variants:
-            common = {
-                "width": args.width,
-                "batch_size": args.batch_size,
-                "steps": args.steps,
-                "warmup": args.warmup,
-                "device": device,
-                "num_workers": args.workers,
-            }
-            ours = time_ours(
-                variant,
-                store=store,
-                compile=args.compile,
-                data_on_device=args.data_on_device,
-                **common,
-            )
-            base = time_baseline(variant, npy=npy, store=store, **common)
-            row = {
-                "variant": variant,
-                "params": ours["params"],
-                "ours_segments_per_s": ours["segments_per_s"],
-                "baseline_segments_per_s": base["segments_per_s"],
-                "ratio": ours["segments_per_s"] / base["segments_per_s"],
-            }
-            rows.append(row)
-            print(
-                f"{variant:<13} {row['params']:>11,} {row['ours_segments_per_s']:>9.1f} "
-                f"{row['baseline_segments_per_s']:>9.1f} {row['ratio']:>6.2f}",
-                flush=True,
-            )
-        figures["train"] = rows
+        print(
+            f"\n## training, width {args.width:g}, batch {args.batch_size}, segments/s "
+            f"(ours {args.precision}; baseline fp32 eager in its own process)"
+        )
+        figures["train"] = train_section(args, device, store, npy)
     if "loader" in args.sections:
         print(f"\n## loaders, {args.loader_segments} shuffled segments, segments/s")
         loaders = time_loaders(store, npy, segments=args.loader_segments, num_workers=args.workers)
@@ -191,16 +250,29 @@ def markdown(figures: dict) -> str:
     """The figures as Markdown tables."""
     lines = [f"`{figures['command']}`", "", f"{figures['machine']}; device {figures['device']}"]
     if "train" in figures:
+        modes = figures["settings"]["modes"]
         lines += [
             "",
-            "| variant | params | ours (segments/s) | baseline (segments/s) | ratio |",
-            "|---|---:|---:|---:|---:|",
+            f"Ours at {figures['settings']['precision']}; the baseline fp32, eager, in its own "
+            "process; ratio = fastest of ours / baseline; segments/s (median of chunks).",
+            "",
+            "| variant | params | " + " | ".join(modes) + " | baseline | ratio |",
+            "|---|---:|" + "---:|" * (len(modes) + 2),
         ]
-        lines += [
-            f"| {r['variant']} | {r['params']:,} | {r['ours_segments_per_s']:,.1f} "
-            f"| {r['baseline_segments_per_s']:,.1f} | {r['ratio']:.2f} |"
+        for r in figures["train"]:
+            cells = [_cell(r["modes"][m]) for m in modes] + [_cell(r["baseline"])]
+            lines.append(
+                f"| {r['variant']} | {r['params'] or 0:,} | "
+                + " | ".join(cells)
+                + f" | {_ratio(r['ratio'])} |"
+            )
+        failures = [
+            f"* {r['variant']} {m}: {f['error']}"
             for r in figures["train"]
+            for m, f in [*r["modes"].items(), ("baseline", r["baseline"])]
+            if "error" in f
         ]
+        lines += ["", "Failed:", "", *failures] if failures else []
     for section, unit in (("loader", "segments/s"), ("prepare", "clips/s")):
         if section in figures:
             lines += ["", f"| {section} | {unit} |", "|---|---:|"]

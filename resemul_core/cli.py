@@ -198,9 +198,19 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
 
     p = actions.add_parser("synth", help="write a synthetic MTAT-format dataset")
     p.add_argument("--out", required=True, help="dataset folder (e.g. data/synth)")
-    p.add_argument("--clips", type=int, help="number of clips (default: the book's 512)")
+    p.add_argument(
+        "--clips", type=int, help="number of clips (default: the book's 512; 25,863 with --mtat)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--force", action="store_true", help="regenerate even if already complete")
+    p.add_argument("--workers", type=int, help="processes (default: all CPU cores)")
+    p.add_argument(
+        "--mtat",
+        action="store_true",
+        help="fast MTAT-sized release: level variants of a bank of rendered clips, MTAT's"
+        " split counts, zero-byte and short clips (resemul_core.synth_release)",
+    )
+    p.add_argument("--bank", type=int, help="--mtat: distinct rendered clips (1024)")
     p.set_defaults(func=_cmd_data_synth)
 
 
@@ -284,9 +294,27 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     from .synth import DEFAULT_NUM_CLIPS, ensure_dataset, generate_dataset
+    from .synth_release import DEFAULT_BANK_SIZE, MTAT_CLIPS, ensure_release, generate_release
 
-    make = generate_dataset if args.force else ensure_dataset
-    summary = make(args.out, num_clips=args.clips or DEFAULT_NUM_CLIPS, seed=args.seed)
+    if args.mtat:
+        make = generate_release if args.force else ensure_release
+        summary = make(
+            args.out,
+            num_clips=args.clips or MTAT_CLIPS,
+            bank_size=args.bank or DEFAULT_BANK_SIZE,
+            seed=args.seed,
+            workers=args.workers,
+        )
+    else:
+        if args.bank is not None:
+            raise ValueError("--bank applies to --mtat only")
+        make = generate_dataset if args.force else ensure_dataset
+        summary = make(
+            args.out,
+            num_clips=args.clips or DEFAULT_NUM_CLIPS,
+            seed=args.seed,
+            workers=args.workers,
+        )
     for key, value in summary.items():
         print(f"{key}: {value}")
     return 0
@@ -302,7 +330,7 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run directory (checkpoints, log.csv)")
     p.add_argument(
         "--profile",
-        help="paper | demo | tiny (default: paper for a fresh run, the saved one on --resume)",
+        help="paper | demo | gpu | tiny (default: paper, or the saved one on --resume)",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -311,8 +339,23 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("overrides of the profile's settings")
     g.add_argument("--seed", type=int, help="random seed")
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile")
-    g.add_argument("--no-autocast", action="store_true", help="fp32 on CUDA (default: bf16)")
+    g.add_argument(
+        "--precision",
+        choices=("fp32", "tf32", "bf16"),
+        help="fp32 (paper profile, the paper's), tf32, or bf16 autocast (demo/tiny profiles)",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile forward + backward (CUDA graphs on one GPU)",
+    )
+    g.add_argument(
+        "--deterministic",
+        action="store_true",
+        default=None,
+        help="deterministic CUDA kernels, no autotuning: bitwise-reproducible, slower",
+    )
     g.add_argument("--workers", type=int, help="DataLoader worker processes")
     g.add_argument(
         "--data-on-device",
@@ -371,7 +414,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "device": args.device,
         "compile": args.compile,
-        "autocast": False if args.no_autocast else None,
+        "precision": args.precision,
+        "deterministic": args.deterministic,
         "num_workers": args.workers,
         "data_on_device": args.data_on_device,
         "sync_bn": False if args.no_sync_bn else None,

@@ -1,7 +1,7 @@
 """Data-parallel training with PyTorch's own engine: process group, batch shards, synced BN.
 
-Public: :class:`Ranks`, :func:`process_group`, :func:`shard`, :class:`SyncBatchNorm1d`,
-:func:`convert_sync_batchnorm`.
+Public: :class:`Ranks`, :func:`process_group`, :func:`requested_world_size`,
+:func:`check_world_size`, :func:`shard`, :class:`SyncBatchNorm1d`, :func:`convert_sync_batchnorm`.
 
 :func:`~resemul_core.train.train` runs data-parallel when started by ``torchrun`` (or any
 launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
@@ -19,6 +19,12 @@ Note:
     GPU (:func:`convert_sync_batchnorm`); without it each rank uses its own
     ``batch_size / world_size`` segments (23 over 8 GPUs: 2 or 3), a noisier estimate that
     changes what is trained. Dropout masks are drawn per rank either way.
+
+Note:
+    Speed: at batch 23 a step on one fast GPU takes milliseconds, and every synchronised
+    BatchNorm layer adds two small all-reduces to it, so more GPUs pay off only for larger
+    batches or slower GPUs. How many is measured by ``make gpu-check`` on a machine with two
+    or more GPUs (``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -35,7 +41,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Ranks", "SyncBatchNorm1d", "convert_sync_batchnorm", "process_group", "shard"]
+__all__ = [
+    "Ranks",
+    "SyncBatchNorm1d",
+    "check_world_size",
+    "convert_sync_batchnorm",
+    "process_group",
+    "requested_world_size",
+    "shard",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +149,39 @@ def process_group(*, cuda: bool) -> Iterator[Ranks]:
         dist.destroy_process_group()
 
 
+def requested_world_size() -> int:
+    """The number of processes a run will have: the initialised group's, else ``WORLD_SIZE``
+    (set by ``torchrun``), else 1. Known before any process joins the group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def check_world_size(world_size: int, *, batch_size: int, sync_bn: bool) -> None:
+    """Refuse a number of processes that cannot share the global batch.
+
+    Every rank needs at least one segment of each batch of ``batch_size``; without synchronised
+    BatchNorm it needs two, since BatchNorm in training mode cannot normalise a single value
+    per channel (the head's ``BatchNorm1d`` raises on it, mid-run, on some ranks only).
+    Call it before joining the process group, so that every rank fails at once.
+
+    Raises:
+        ValueError: naming the batch, the number of processes and the largest that works.
+    """
+    if world_size > batch_size:
+        raise ValueError(
+            f"{world_size} processes cannot share a batch of {batch_size} segments "
+            f"(each needs at least one); use at most {batch_size} processes"
+        )
+    if not sync_bn and batch_size // world_size < 2:
+        raise ValueError(
+            f"without synchronised BatchNorm every process normalises its own share of the "
+            f"batch, but a batch of {batch_size} over {world_size} processes leaves some "
+            f"{batch_size // world_size} segment; use at most {batch_size // 2} processes, "
+            "or keep sync_bn"
+        )
+
+
 def _current_ranks() -> Ranks:
     backend = str(dist.get_backend())
     return Ranks(
@@ -185,8 +232,8 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     In eval mode, or outside a process group, it is ``BatchNorm1d``. In training mode under
     DDP the mean and the biased variance are computed over every rank's items (two all-reduces,
     differentiable, so gradients flow through the statistics of the whole batch), the running
-    statistics get the unbiased variance, as in PyTorch's BatchNorm. For the CPU (gloo), where
-    ``torch.nn.SyncBatchNorm`` does not run.
+    statistics get the unbiased variance, as in PyTorch's BatchNorm. Works with gloo (CPU),
+    where ``torch.nn.SyncBatchNorm`` does not run, and NCCL, where it makes no host sync.
 
     Shapes:
         input ``(B, C)`` or ``(B, C, L)``; output the same, in the input's dtype (the
@@ -226,20 +273,24 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """Make every ``BatchNorm1d`` in ``module`` normalise over the global batch, in place.
 
-    On CUDA the layers become ``torch.nn.SyncBatchNorm`` (fused kernels); elsewhere
-    :class:`SyncBatchNorm1d`. Either takes over the old layers' parameter and buffer tensors,
-    so an optimizer built before the conversion still updates them and ``state_dict`` keys
-    do not change.
+    The layers become :class:`SyncBatchNorm1d`, on every backend. It takes over the old layers'
+    parameter and buffer tensors, so an optimizer built before the conversion still updates
+    them and ``state_dict`` keys do not change.
 
     Returns:
         ``module`` (or its replacement, if ``module`` itself is a ``BatchNorm1d``).
+
+    Note:
+        Not ``torch.nn.SyncBatchNorm``, on CUDA either: its forward reads the gathered
+        per-rank counts back to the host (a boolean mask that drops empty ranks), which
+        synchronises the host with the GPU in every BatchNorm layer of every step. Here every
+        rank holds part of every batch (:func:`check_world_size`), so two all-reduces suffice
+        and the step stays asynchronous.
     """
-    if any(p.is_cuda for p in module.parameters()):
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return _convert_cpu(module)
+    return _convert(module)
 
 
-def _convert_cpu(module: nn.Module) -> nn.Module:
+def _convert(module: nn.Module) -> nn.Module:
     if type(module) is nn.BatchNorm1d:
         sync = SyncBatchNorm1d(
             module.num_features,
@@ -253,5 +304,5 @@ def _convert_cpu(module: nn.Module) -> nn.Module:
         sync.num_batches_tracked = module.num_batches_tracked
         return sync.train(module.training)
     for name, child in module.named_children():
-        setattr(module, name, _convert_cpu(child))
+        setattr(module, name, _convert(child))
     return module

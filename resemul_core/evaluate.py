@@ -32,6 +32,7 @@ from .checkpoint import load_checkpoint, resolve_checkpoint
 from .datasets import ClipDataset
 from .files import write_json
 from .model import VARIANTS
+from .precision import autocast, configure_backends
 from .store import SegmentStore, open_store
 from .train import select_device
 
@@ -199,7 +200,7 @@ def predict_clips(
     split: str = "test",
     clips_per_batch: int = 16,
     device: torch.device | str = "cpu",
-    autocast: bool = True,
+    precision: str = "fp32",
     num_workers: int = 0,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -212,13 +213,15 @@ def predict_clips(
         split: 'train', 'valid' or 'test'.
         clips_per_batch: clips per forward pass (10 segments each for MTAT).
         device: where to run the model.
-        autocast: bf16 autocast on CUDA (ignored on CPU).
+        precision: "fp32" (the default: the paper's numbers are float32 ones), "tf32" or
+            "bf16" (:mod:`resemul_core.precision`).
 
     Returns:
         ``(scores, labels, clip_indices)``: ``(num_clips, T)`` float32 probabilities,
         ``(num_clips, T)`` uint8 labels and ``(num_clips,)`` store indices.
     """
     device = torch.device(device)
+    configure_backends(device, precision)  # fp32 also means no TF32 on CUDA
     dataset = ClipDataset(store, split)
     if len(dataset) == 0:
         raise ValueError(f"split {split!r} of {dataset.store.path} holds no clips")
@@ -235,8 +238,7 @@ def predict_clips(
         for segments, clip_labels, counts in tqdm(
             loader, desc=f"evaluate {split}", disable=not progress
         ):
-            use_bf16 = autocast and device.type == "cuda"
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with autocast(device, precision):
                 logits = model(segments.to(device, non_blocking=True))  # sum(n_seg), T
             probs = torch.sigmoid(logits.float()).cpu()
             scores += [p.mean(dim=0) for p in torch.split(probs, counts.tolist())]  # T each

@@ -4,8 +4,8 @@ Public: :class:`TrainConfig`, :class:`Profile`, :data:`PROFILES`, :func:`train`,
 :class:`TrainResult`, :class:`TrainingDiverged`, :class:`StageState`, :class:`StageUpdate`,
 :func:`update_stage`, :func:`stage_learning_rate`, :func:`decayed_learning_rate`,
 :func:`steps_per_epoch`, :func:`epoch_batches`, :func:`bce_loss`, :func:`build_optimizer`,
-:func:`train_step`, :func:`device_batches`, :class:`ResidentSplit`,
-:func:`enable_cuda_speedups`, :func:`validation_loss`, :func:`select_device`,
+:func:`train_step`, :func:`compile_model`, :func:`device_batches`, :class:`ResidentSplit`,
+:func:`validation_loss`, :func:`select_device`,
 :func:`saved_train_config`, :func:`num_blocks_for`, :data:`RUN_LOG`, :data:`RUNTIME_FIELDS`.
 
 The recipe (``R:train.py``): five learning-rate stages 0.01 → 1.6e-5 (×0.2); each starts from
@@ -32,22 +32,30 @@ global batch mean, and BatchNorm statistics are over the global batch (``sync_bn
 writes the checkpoints and the log while the others wait. The data order, and hence resuming,
 do not depend on the number of processes.
 
-On CUDA the loop lets cuDNN choose its kernels, allows TF32, copies int16 batches from pinned
-memory without blocking, dequantizes them on the GPU, and reads the loss back only every
-``_LOSS_CHECK_EVERY`` steps; ``data_on_device`` keeps the whole training split on the GPU.
+Numerical precision is one setting of the recipe, ``TrainConfig.precision`` (``"fp32"``, the
+paper's and the ``paper`` profile's; ``"tf32"``; ``"bf16"``, the ``demo`` and ``tiny`` profiles'),
+recorded in every checkpoint (:mod:`resemul_core.precision`).
+
+On CUDA the loop lets cuDNN choose its kernels, copies int16 batches from pinned memory without
+blocking, dequantizes them on the GPU, and reads the loss back only every ``_LOSS_CHECK_EVERY``
+steps: a steady-state step makes no host synchronisation. ``data_on_device`` keeps the whole
+training split on the GPU; ``compile`` compiles the forward and backward passes, on a single GPU
+as CUDA graphs (:func:`compile_model`), which removes the per-kernel launch cost that limits
+small-batch training on a fast GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import io
 import logging
 import math
 import os
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -69,9 +77,17 @@ from .checkpoint import (
 )
 from .config import DictConfig
 from .datasets import SegmentBatches, SegmentDataset, dequantize_tensor
-from .distributed import Ranks, convert_sync_batchnorm, process_group, shard
+from .distributed import (
+    Ranks,
+    check_world_size,
+    convert_sync_batchnorm,
+    process_group,
+    requested_world_size,
+    shard,
+)
 from .files import atomic_write, write_json
 from .model import ModelConfig, SampleCNN, model_config
+from .precision import autocast, check_precision, configure_backends
 from .store import SegmentStore, open_store
 
 __all__ = [
@@ -87,9 +103,9 @@ __all__ = [
     "TrainingDiverged",
     "bce_loss",
     "build_optimizer",
+    "compile_model",
     "decayed_learning_rate",
     "device_batches",
-    "enable_cuda_speedups",
     "epoch_batches",
     "num_blocks_for",
     "saved_train_config",
@@ -120,6 +136,14 @@ LOG_COLUMNS = (
     "train_seconds",
     "val_seconds",
     "segments_per_s",
+)
+
+# DDP's switch for broadcasting rank 0's buffers before every forward: `broadcast_buffers` until
+# torch 2.12, `forward_sync_buffers` from 2.13 on (where the old name warns).
+_DDP_BUFFER_SYNC = (
+    "forward_sync_buffers"
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    else "broadcast_buffers"
 )
 
 # How often (in steps) the loss is copied off the accelerator to be checked for NaN/inf: every
@@ -162,10 +186,11 @@ class TrainConfig(DictConfig):
     val_segments: int | None = None  # validate on the first N segments; None: all (SPEC §3)
     val_batch_size: int = 230  # segments per validation forward pass (no effect on the value)
     seed: int = 0  # seeds weights, data order and dropout (not in the paper)
+    precision: str = "fp32"  # "fp32" (the paper's), "tf32" or "bf16" (resemul_core.precision)
     checkpoint_every: int = 1000  # optimizer steps between resume checkpoints (runtime)
     device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1" (runtime)
-    autocast: bool = True  # bf16 autocast of the forward pass on CUDA and CPU (runtime)
-    compile: bool = False  # torch.compile the training forward pass (runtime)
+    compile: bool = False  # torch.compile forward + backward; CUDA graphs on one GPU (runtime)
+    deterministic: bool = False  # deterministic CUDA kernels, no autotuning: slower (runtime)
     num_workers: int = 0  # DataLoader worker processes; 0 = load in the main process (runtime)
     data_on_device: bool = False  # hold the training split on the device as int16 (runtime)
     sync_bn: bool = True  # under DDP, BN statistics over the global batch, not per rank (runtime)
@@ -185,6 +210,16 @@ class TrainConfig(DictConfig):
             raise ValueError("patience, lr_decay, weight_decay and momentum must be >= 0")
         if self.num_workers < 0:
             raise ValueError(f"TrainConfig.num_workers must be >= 0, got {self.num_workers}")
+        check_precision(self.precision)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Rebuild from :meth:`to_dict`; also reads checkpoints written before ``precision``
+        existed (their ``autocast: true`` was bf16, ``false`` fp32)."""
+        data = dict(data)
+        if "autocast" in data and "precision" not in data:
+            data["precision"] = "bf16" if data.pop("autocast") else "fp32"
+        return super().from_dict(data)
 
 
 #: TrainConfig fields that do not change the result and may differ when a run is resumed.
@@ -192,8 +227,8 @@ RUNTIME_FIELDS = frozenset(
     {
         "checkpoint_every",
         "device",
-        "autocast",
         "compile",
+        "deterministic",
         "num_workers",
         "data_on_device",
         "sync_bn",
@@ -207,6 +242,12 @@ class Profile:
 
     Smaller profiles change sizes and budgets only (width, stages, epochs, steps per epoch),
     never the algorithm.
+
+    Note:
+        ``paper`` trains in float32 as the paper did; ``demo`` and ``tiny`` use bf16 autocast
+        (``precision="bf16"``, also on the CPU), which makes the book's CPU runs faster and
+        their numbers slightly different from float32 ones (the measured difference is on the
+        book's training page).
 
     Note:
         ``demo`` and ``tiny`` also shorten the horizon of BatchNorm's running averages
@@ -224,13 +265,13 @@ class Profile:
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. width
 
 
-#: The three training profiles: the paper's recipe, a CPU book run and a seconds-long smoke run.
+#: The training profiles: the paper's recipe, the book on a CPU and on a GPU, a smoke run.
 PROFILES: dict[str, Profile] = {
     "paper": Profile(
         name="paper",
         description=(
-            "The paper's recipe at full width: 5 stages, up to 100 epochs each, "
-            "6,631 steps of 23 segments per MTAT epoch (days on one GPU)."
+            "The paper's recipe at full width in float32: 5 stages, up to 100 epochs each, "
+            "6,631 steps of 23 segments per MTAT epoch."
         ),
         config=TrainConfig(num_workers=6),
         model={"width": 1.0},
@@ -238,7 +279,7 @@ PROFILES: dict[str, Profile] = {
     "demo": Profile(
         name="demo",
         description=(
-            "Sized for the book on 2 CPU cores (1-3 minutes per variant with bf16): width 1/16, "
+            "Sized for the book on 2 CPU cores (1-3 minutes per variant in bf16): width 1/16, "
             "2 stages of at most 3 epochs of 120 steps (<= 720 steps of 23 segments), "
             "validation on <= 230 segments, BN averaging horizon ~10 steps."
         ),
@@ -247,20 +288,40 @@ PROFILES: dict[str, Profile] = {
             max_epochs_per_stage=3,
             max_steps_per_epoch=120,
             val_segments=230,
+            precision="bf16",
             checkpoint_every=120,
         ),
         model={"width": 0.0625, "bn_momentum": 0.1},
     ),
+    "gpu": Profile(
+        name="gpu",
+        description=(
+            "The book on one GPU: the paper's width in bf16, 2 stages of at most 3 epochs of "
+            "1,000 steps (<= 6,000 steps of 23 segments), validation on <= 2,300 segments, "
+            "the training split held on the GPU."
+        ),
+        config=TrainConfig(
+            num_stages=2,
+            max_epochs_per_stage=3,
+            max_steps_per_epoch=1000,
+            val_segments=2300,
+            precision="bf16",
+            checkpoint_every=1000,
+            data_on_device=True,
+        ),
+        model={"width": 1.0},
+    ),
     "tiny": Profile(
         name="tiny",
         description=(
-            "A smoke test in seconds: width 1/16, 2 stages of at most 3 epochs of 10 steps."
+            "A smoke test in seconds: width 1/16, bf16, 2 stages of at most 3 epochs of 10 steps."
         ),
         config=TrainConfig(
             num_stages=2,
             max_epochs_per_stage=3,
             max_steps_per_epoch=10,
             val_segments=230,
+            precision="bf16",
             checkpoint_every=5,
         ),
         model={"width": 1 / 16, "bn_momentum": 0.1},
@@ -401,19 +462,21 @@ def train_step(
     labels: torch.Tensor,
     *,
     lr: float,
-    autocast: bool = True,
+    precision: str = "fp32",
     loss_weight: float = 1.0,
 ) -> torch.Tensor:
     """One optimizer step on one batch; the loss stays on the device (no host sync).
 
     Args:
         model: maps ``(B, L)`` waveforms to ``(B, T)`` logits; a :class:`SampleCNN`, its
-            DDP wrapper or a compiled one.
+            DDP wrapper or :func:`compile_model`'s compiled forward.
         optimizer: updated in place, every parameter group at learning rate ``lr``.
         waveform: ``(B, L)`` float32 samples on the model's device.
         labels: ``(B, T)`` 0/1 float32 on the model's device.
-        lr: this step's learning rate.
-        autocast: bf16 autocast of the forward pass (on CUDA and CPU).
+        lr: this step's learning rate. A Python float: the optimizer step runs eagerly (a few
+            multi-tensor kernels), so a new value each step costs neither a recompilation nor
+            a host sync.
+        precision: "fp32", "tf32" or "bf16" (:mod:`resemul_core.precision`).
         loss_weight: factor on the loss before the backward pass; under DDP, ``B * world_size
             / global batch`` so that DDP's gradient average is the mean over the global batch.
 
@@ -422,7 +485,7 @@ def train_step(
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with _autocast(waveform.device, autocast):
+    with autocast(waveform.device, precision):
         logits = model(waveform)  # B, T
     loss = bce_loss(logits, labels)
     optimizer.zero_grad(set_to_none=True)
@@ -469,14 +532,6 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    # bf16 keeps fp32's exponent range, so no loss scaling is needed; on CPUs with AMX/AVX512
-    # bf16 units it also speeds the small-width models of the book up by 1.3-2x.
-    if enabled and device.type in ("cuda", "cpu"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def validation_loss(
     model: nn.Module,
@@ -484,7 +539,7 @@ def validation_loss(
     *,
     batch_size: int = 230,
     device: torch.device | str = "cpu",
-    autocast: bool = True,
+    precision: str = "fp32",
     num_workers: int = 0,
     progress: bool = False,
     distributed: bool = False,
@@ -495,6 +550,7 @@ def validation_loss(
         model: maps ``(B, L)`` waveforms to ``(B, T)`` logits.
         dataset: items ``(waveform (L,), labels (T,))``, e.g. a :class:`SegmentDataset`.
         batch_size: segments per forward pass; does not change the value.
+        precision: "fp32", "tf32" or "bf16" (:mod:`resemul_core.precision`); training's.
         distributed: every rank of the initialised process group calls this with the same
             model weights and dataset; each scores its contiguous share and the sums of the
             losses and of the segment counts are all-reduced, so all get the same value.
@@ -524,7 +580,7 @@ def validation_loss(
     for waveform, labels in tqdm(loader, desc="validation", leave=False, disable=not progress):
         waveform = waveform.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        with _autocast(device, autocast):
+        with autocast(device, precision):
             logits = model(waveform)
         per_segment = F.binary_cross_entropy_with_logits(
             logits.float(), labels, reduction="none"
@@ -588,12 +644,15 @@ class TrainResult:
     finished: bool
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """Every random generator a run draws from: torch's CPU one, the run device's CUDA one
+    (only that one: the other visible GPUs are not the run's, and may be absent on resume),
+    numpy's and Python's."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
         # numpy and python states as plain lists so that weights_only loading accepts them
         "numpy": [
             str(np_state[0]),
@@ -606,14 +665,40 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: Mapping[str, Any]) -> None:
+def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    """Restore :func:`_rng_state`'s generators; the CUDA one only on a CUDA device."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = saved_cuda_rng_state(state["cuda"], device)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
+
+
+def saved_cuda_rng_state(
+    saved: Sequence[torch.Tensor], device: torch.device
+) -> torch.Tensor | None:
+    """The saved CUDA generator state to restore on ``device``, or None.
+
+    Args:
+        saved: a checkpoint's ``rng["cuda"]``: empty (saved on the CPU), the run device's one
+            state, or, in checkpoints of earlier versions, one state per GPU visible then.
+        device: the device the resumed run uses; ``cuda`` devices must carry their index.
+
+    Returns:
+        None on the CPU or when nothing was saved (a CPU run resumed on a GPU: the CUDA
+        generator keeps the seed it has). Otherwise the one saved state, or from a per-GPU list the
+        entry of ``device``'s index, or the first when that GPU was not visible then (a
+        change of visible GPUs continues correctly, though with other dropout masks).
+    """
+    if device.type != "cuda" or len(saved) == 0:
+        return None
+    if len(saved) == 1:
+        return saved[0]
+    index = device.index or 0
+    return saved[index] if index < len(saved) else saved[0]
 
 
 def _seed_everything(seed: int) -> None:
@@ -783,7 +868,7 @@ class _Run:
 
     def save_last(self) -> None:
         """Write ``last.pt`` (rank 0) with every rank's RNG states; the others wait."""
-        rng = self.ranks.gather_objects(_rng_state())
+        rng = self.ranks.gather_objects(_rng_state(self.device))
         if self.ranks.is_main:
             save_checkpoint(
                 self.last_path,
@@ -959,7 +1044,7 @@ def _start_run(
             rng = rank_rng[ranks.rank]  # each rank continues its own dropout stream
         elif ranks.rank > 0:  # another number of processes: continue, though not bit-exactly
             torch.manual_seed(_rank_seed(config.seed, ranks.rank, state.global_step))
-            rng = {**_rng_state(), "numpy": rng["numpy"], "python": rng["python"]}
+            rng = {**_rng_state(device), "numpy": rng["numpy"], "python": rng["python"]}
         logger.info(
             "resuming %s at stage %d, epoch %d, step %d",
             run_dir,
@@ -986,11 +1071,14 @@ def _start_run(
 
 
 def _rank_device(name: str, ranks: Ranks) -> torch.device:
-    """The device of this rank: as configured, but ``cuda:LOCAL_RANK`` for CUDA under DDP."""
+    """The device of this rank: as configured, but ``cuda:LOCAL_RANK`` for CUDA under DDP;
+    a CUDA device always with its index (its RNG state is saved and restored by index)."""
     device = select_device(name)
-    if ranks.distributed and device.type == "cuda":
+    if device.type != "cuda":
+        return device
+    if ranks.distributed:
         return torch.device("cuda", ranks.local_rank)
-    return device
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def _rank_seed(seed: int, rank: int, step: int) -> int:
@@ -1060,7 +1148,12 @@ def train(
     for name, split in (("train", train_set), ("valid", val_set)):
         if len(split) == 0:
             raise ValueError(f"store {store.path} has no segments in its {name!r} split")
-    cuda = select_device(_requested_device(Path(run_dir), config, resume=resume)).type == "cuda"
+    requested = _requested_config(Path(run_dir), config, resume=resume)
+    # before any process joins a group or loads the split: fail on every rank, not hang
+    check_world_size(
+        requested_world_size(), batch_size=requested.batch_size, sync_bn=requested.sync_bn
+    )
+    cuda = select_device(requested.device).type == "cuda"
     with process_group(cuda=cuda) as ranks:
         run = _start_run(
             store,
@@ -1072,7 +1165,8 @@ def train(
             overwrite=overwrite,
             ranks=ranks,
         )
-        return _fit(run, train_set, val_set, max_steps=max_steps, progress=progress)
+        with deterministic_algorithms(run.config.deterministic):
+            return _fit(run, train_set, val_set, max_steps=max_steps, progress=progress)
 
 
 def _fit(
@@ -1085,8 +1179,7 @@ def _fit(
 ) -> TrainResult:
     """The loop of :func:`train`: epochs of steps, validation, stage changes, checkpoints."""
     config, state, model, device, ranks = run.config, run.state, run.model, run.device, run.ranks
-    if device.type == "cuda":
-        enable_cuda_speedups()
+    configure_backends(device, config.precision)
     if config.val_segments is not None and config.val_segments < len(val_set):
         val_set = Subset(val_set, range(config.val_segments))
     num_steps = steps_per_epoch(len(train_set), config)
@@ -1097,13 +1190,15 @@ def _fit(
         net = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
-            forward_sync_buffers=not config.sync_bn,  # synced BN keeps them equal everywhere
             gradient_as_bucket_view=True,
+            **{_DDP_BUFFER_SYNC: not config.sync_bn},  # synced BN keeps them equal everywhere
         )
-    forward = torch.compile(net) if config.compile else net
+    forward = (
+        compile_model(net, device=device, distributed=ranks.distributed) if config.compile else net
+    )
     resident = ResidentSplit(train_set, device) if config.data_on_device else None
     if run.saved_rng is not None:
-        _set_rng_state(run.saved_rng)  # after everything that draws random numbers
+        _set_rng_state(run.saved_rng, device)  # after everything that draws random numbers
     steps_this_call = 0
     while not state.done:
         batches = epoch_batches(
@@ -1136,7 +1231,7 @@ def _fit(
                 waveform,  # B, L
                 labels,  # B, T
                 lr=lr,
-                autocast=config.autocast,
+                precision=config.precision,
                 loss_weight=share * ranks.world_size,
             )
             pending.append(loss * share if ranks.distributed else loss)
@@ -1168,7 +1263,7 @@ def _fit(
             val_set,
             batch_size=config.val_batch_size,
             device=device,
-            autocast=config.autocast,
+            precision=config.precision,
             num_workers=config.num_workers,
             progress=progress and ranks.is_main,
             distributed=ranks.distributed,
@@ -1181,26 +1276,70 @@ def _fit(
     return run.result()
 
 
-def enable_cuda_speedups() -> None:
-    """Let cuDNN autotune its kernels and fp32 convolutions and matmuls use TF32 (process-wide).
+def compile_model(
+    net: nn.Module, *, device: torch.device, distributed: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile`` a training model: forward and backward as fused kernels.
 
-    Training shapes are fixed, so autotuning pays from the second step on; TF32 only touches
-    what bf16 autocast leaves in fp32 (all of a ``--no-autocast`` run). GPU runs are not
-    bitwise reproducible anyway; CPU runs are unaffected.
+    On one CUDA device the compiled graphs are replayed as CUDA graphs
+    (``mode="reduce-overhead"``): at batch 23 an eager step issues hundreds of small kernels
+    and the host, not the GPU, limits the speed; a graph replay is one launch. Under DDP the
+    default mode is used (DDP's gradient hooks run between the graphs). The loss, the
+    optimizer step and the learning rate stay outside, eager, so the per-step learning rate
+    is a plain float that neither recompiles nor syncs.
+
+    Args:
+        net: the model (or its DDP wrapper) in training mode; its ``state_dict`` keys are
+            unchanged (save the model, not the returned callable).
+        device: where it runs.
+        distributed: whether ``net`` is a DDP wrapper.
+
+    Returns:
+        ``forward(waveform (B, L)) -> logits (B, T)``. Shapes stay fixed during training (every
+        batch is full), so it compiles once per process, plus once per train/eval switch.
     """
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cuda.matmul.allow_tf32 = True
+    cuda_graphs = device.type == "cuda" and not distributed
+    compiled = torch.compile(net, mode="reduce-overhead" if cuda_graphs else None)
+    if not cuda_graphs:
+        return compiled
+
+    def forward(waveform: torch.Tensor) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()  # a new training step: reuse the graph's memory
+        return compiled(waveform)
+
+    return forward
 
 
-def _requested_device(run_dir: Path, config: TrainConfig | None, *, resume: bool) -> str:
-    """The device a run will ask for, known before the run is set up (to pick the DDP backend)."""
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """Within the block, and only if ``enabled``, PyTorch uses deterministic kernels only.
+
+    For bitwise-reproducible CUDA runs (and resumes): cuDNN and cuBLAS pick deterministic
+    algorithms and :func:`~resemul_core.precision.configure_backends` turns autotuning off.
+    Slower; CPU runs are reproducible without it. The previous setting is restored on exit.
+    """
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    # cuBLAS reads this when its handle is made; without it deterministic mode raises
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _requested_config(run_dir: Path, config: TrainConfig | None, *, resume: bool) -> TrainConfig:
+    """The config a run will use, known before the run is set up (to pick the DDP backend and
+    check the number of processes): the given one, the saved one on resume, or the paper's."""
     if config is not None:
-        return config.device
+        return config
     if resume and (run_dir / LAST_CHECKPOINT).is_file():
         with contextlib.suppress(CheckpointError):
-            return saved_train_config(run_dir).device
-    return "auto"
+            return saved_train_config(run_dir)
+    return PROFILES["paper"].config
 
 
 class ResidentSplit:

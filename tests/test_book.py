@@ -57,7 +57,9 @@ def built_book(tmp_path_factory):
             device="cpu",
         )
     _execute(book, "03_evaluate", "03_evaluate", runs=runs, data=store, device="cpu")
-    _execute(book, "04_excitations", "04_excitations", run=f"{runs}/se-multi", data=store)
+    _execute(
+        book, "04_excitations", "04_excitations", run=f"{runs}/se-multi", data=store, device="cpu"
+    )
     write_toc(book / "_toc.yml", VARIANTS)
     build = subprocess.run(
         [

@@ -42,7 +42,7 @@ CONFIG = TrainConfig(
     batch_size=7,
     val_batch_size=5,
     checkpoint_every=2,
-    autocast=False,
+    precision="fp32",
     device="cpu",
     seed=3,
 )

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TEST_DETERMINISTIC, TEST_DEVICE, pinned
 
 import resemul_core.train as train_mod
 from resemul_core.checkpoint import CheckpointError, read_checkpoint
@@ -36,6 +37,7 @@ from resemul_core.train import (
 )
 
 TINY = PROFILES["tiny"]
+TINY_CONFIG = pinned(TINY.config)
 LENGTH = 3**5  # segment length of a 4-block model
 TAGS = ["low tone", "high tone", "noise"]
 
@@ -155,7 +157,7 @@ def test_profiles_change_sizes_not_the_algorithm():
 
 def test_tiny_model_learns_the_toy_task(store, tmp_path):
     config = dataclasses.replace(
-        TINY.config, num_stages=1, max_epochs_per_stage=4, max_steps_per_epoch=None
+        TINY_CONFIG, num_stages=1, max_epochs_per_stage=4, max_steps_per_epoch=None
     )
     result = train(
         store,
@@ -180,19 +182,19 @@ def test_stages_restart_from_the_best_weights(store, tmp_path, monkeypatch):
     at_stage_start: list[tuple[int, dict]] = []
 
     def fake_validation(model, *args, **kwargs):
-        after_epoch.append({k: v.clone() for k, v in model.state_dict().items()})
+        after_epoch.append({k: v.cpu().clone() for k, v in model.state_dict().items()})
         return next(scripted)
 
     real_build = train_mod.build_optimizer
 
     def spy_build(model, config, *, stage):
-        at_stage_start.append((stage, {k: v.clone() for k, v in model.state_dict().items()}))
+        at_stage_start.append((stage, {k: v.cpu().clone() for k, v in model.state_dict().items()}))
         return real_build(model, config, stage=stage)
 
     monkeypatch.setattr(train_mod, "validation_loss", fake_validation)
     monkeypatch.setattr(train_mod, "build_optimizer", spy_build)
     config = dataclasses.replace(
-        TINY.config, num_stages=3, max_epochs_per_stage=100, max_steps_per_epoch=2
+        TINY_CONFIG, num_stages=3, max_epochs_per_stage=100, max_steps_per_epoch=2
     )
     run = tmp_path / "run"
     result = train(
@@ -226,7 +228,7 @@ def test_nan_loss_stops_naming_the_step(store, tmp_path, monkeypatch):
             store,
             tmp_path / "run",
             variant="basic",
-            config=TINY.config,
+            config=TINY_CONFIG,
             model_options=TINY.model,
             progress=False,
         )
@@ -235,7 +237,7 @@ def test_nan_loss_stops_naming_the_step(store, tmp_path, monkeypatch):
 # --- checkpoints and resume -------------------------------------------------------------------
 
 RESUME_CONFIG = dataclasses.replace(
-    TINY.config, num_stages=2, max_epochs_per_stage=2, max_steps_per_epoch=4, checkpoint_every=3
+    TINY_CONFIG, num_stages=2, max_epochs_per_stage=2, max_steps_per_epoch=4, checkpoint_every=3
 )
 
 
@@ -315,7 +317,8 @@ def test_sigkill_then_resume_gives_identical_weights(store, tmp_path, reference_
         "--checkpoint-every",
         "1",
         "--device",
-        "cpu",
+        TEST_DEVICE,
+        *(["--deterministic"] if TEST_DETERMINISTIC else []),
         "--no-progress",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -390,7 +393,7 @@ def test_mismatched_resume_is_refused(store, tmp_path):
         train(store, run, variant="se", resume=True, progress=False)
     assert (run / "last.pt").read_bytes() == before
     # runtime fields may change on resume
-    runtime = dataclasses.replace(RESUME_CONFIG, checkpoint_every=2, device="cpu")
+    runtime = dataclasses.replace(RESUME_CONFIG, checkpoint_every=2, num_workers=1)
     assert train(store, run, config=runtime, resume=True, progress=False).finished
 
 
@@ -426,7 +429,7 @@ def test_segment_length_must_match_the_model(store, tmp_path):
             store,
             tmp_path / "run",
             variant="basic",
-            config=TINY.config,
+            config=TINY_CONFIG,
             model_options={"num_blocks": 5},
         )
     assert not (tmp_path / "run").exists()
@@ -466,5 +469,149 @@ def test_cli_train_resume_and_refusal(store, tmp_path, capsys):
 def test_a_store_without_validation_segments_is_refused(tmp_path):
     no_valid = make_toy_store(tmp_path / "store", clips=(4, 0, 2))
     with pytest.raises(ValueError, match="'valid' split"):
-        train(no_valid, tmp_path / "run", variant="basic", config=TINY.config)
+        train(no_valid, tmp_path / "run", variant="basic", config=TINY_CONFIG)
     assert not (tmp_path / "run").exists()
+
+
+# --- precision, devices, processes, compilation ------------------------------------------------
+
+
+def test_precision_is_one_recorded_setting_faithful_by_default():
+    assert TrainConfig().precision == "fp32" and PROFILES["paper"].config.precision == "fp32"
+    assert {PROFILES[p].config.precision for p in ("demo", "gpu", "tiny")} == {"bf16"}
+    assert "precision" not in RUNTIME_FIELDS  # it changes the numbers: fixed for a run
+    with pytest.raises(ValueError, match="unknown precision 'fp16'; valid: fp32, tf32, bf16"):
+        TrainConfig(precision="fp16")
+    # checkpoints written before the setting existed: autocast on was bf16, off was fp32
+    old = TrainConfig().to_dict()
+    del old["precision"], old["deterministic"]
+    assert TrainConfig.from_dict({**old, "autocast": True}).precision == "bf16"
+    assert TrainConfig.from_dict({**old, "autocast": False}).precision == "fp32"
+
+
+def test_precision_changes_the_step_as_stated():
+    """fp32 and tf32 are the same on a CPU; bf16 autocast rounds the forward pass."""
+    torch.manual_seed(0)
+    waveform, labels = 0.3 * torch.randn(4, LENGTH), (torch.rand(4, 3) < 0.5).float()
+    losses, weights = {}, {}
+    for precision in ("fp32", "tf32", "bf16"):
+        torch.manual_seed(1)
+        model = train_mod.SampleCNN(train_mod.model_config("basic", num_tags=3, num_blocks=4))
+        optimizer = train_mod.build_optimizer(model, TrainConfig(), stage=0)
+        loss = train_mod.train_step(
+            model, optimizer, waveform, labels, lr=0.01, precision=precision
+        )
+        losses[precision], weights[precision] = float(loss), model.state_dict()
+    assert losses["fp32"] == losses["tf32"]
+    assert_same_tensors(weights["fp32"], weights["tf32"])
+    assert losses["bf16"] != losses["fp32"]
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.02  # bf16 keeps ~3 significant digits
+
+
+def test_a_resume_may_not_change_the_precision(store, tmp_path):
+    run = tmp_path / "run"
+    fp32 = dataclasses.replace(RESUME_CONFIG, precision="fp32")
+    train(
+        store,
+        run,
+        variant="basic",
+        config=fp32,
+        model_options=TINY.model,
+        max_steps=2,
+        progress=False,
+    )
+    assert read_checkpoint(run / "last.pt")["train_config"]["precision"] == "fp32"
+    with pytest.raises(CheckpointError, match=r"precision \('fp32' -> 'bf16'\)"):
+        train(store, run, config=RESUME_CONFIG, resume=True, progress=False)
+
+
+def test_only_the_run_devices_cuda_rng_state_is_restored():
+    states = [torch.full((4,), k, dtype=torch.uint8) for k in range(3)]
+    cuda = torch.device
+    assert train_mod.saved_cuda_rng_state(states, cuda("cpu")) is None
+    assert train_mod.saved_cuda_rng_state([], cuda("cuda", 0)) is None  # a CPU run, on a GPU
+    assert train_mod.saved_cuda_rng_state(states[2:], cuda("cuda", 1)) is states[2]
+    # per-GPU lists of earlier versions: the device's own entry, or the first when it is gone
+    assert train_mod.saved_cuda_rng_state(states, cuda("cuda", 1)) is states[1]
+    assert train_mod.saved_cuda_rng_state(states[:2], cuda("cuda", 5)) is states[0]
+
+
+def test_a_checkpoint_with_cuda_rng_states_of_other_gpus_resumes(store, tmp_path, reference_run):
+    """A ``last.pt`` written on a machine with three GPUs resumes here (and equals the
+    uninterrupted run: the CPU-side states are what a CPU run draws from)."""
+    run = tmp_path / "run"
+    train(
+        store,
+        run,
+        variant="res2-multi",
+        config=RESUME_CONFIG,
+        model_options=TINY.model,
+        max_steps=5,
+        progress=False,
+    )
+    payload = torch.load(run / "last.pt", weights_only=True)
+    if TEST_DEVICE == "cpu":
+        assert payload["rng"]["cuda"] == []  # nothing of a GPU the run did not use
+    else:
+        assert len(payload["rng"]["cuda"]) == 1  # only the run device's
+    payload["rng"]["cuda"] = [
+        torch.cuda.get_rng_state() if TEST_DEVICE != "cpu" else torch.zeros(16, dtype=torch.uint8)
+    ] * 3
+    torch.save(payload, run / "last.pt")
+    final = train(store, run, resume=True, progress=False)
+    assert final.finished and final.global_step == 16
+    if TEST_DEVICE == "cpu":
+        assert_same_run(run, reference_run)
+
+
+def test_too_many_processes_for_the_batch_are_refused_before_starting(store, tmp_path, monkeypatch):
+    from resemul_core.distributed import check_world_size
+
+    check_world_size(23, batch_size=23, sync_bn=True)  # one segment each: fine with synced BN
+    check_world_size(11, batch_size=23, sync_bn=False)  # two or three each
+    with pytest.raises(ValueError, match="a batch of 23 over 12 processes leaves some 1 segment"):
+        check_world_size(12, batch_size=23, sync_bn=False)
+    with pytest.raises(ValueError, match="24 processes cannot share a batch of 23 segments"):
+        check_world_size(24, batch_size=23, sync_bn=True)
+    # train() checks before joining a process group (there is none to join here: it would hang
+    # or fail otherwise) and before touching the run directory
+    monkeypatch.setenv("WORLD_SIZE", "12")
+    monkeypatch.setenv("RANK", "3")
+    no_sync = dataclasses.replace(TINY_CONFIG, sync_bn=False)
+    with pytest.raises(ValueError, match="use at most 11 processes, or keep sync_bn"):
+        train(store, tmp_path / "run", variant="basic", config=no_sync, model_options=TINY.model)
+    assert not (tmp_path / "run").exists()
+
+
+def test_deterministic_algorithms_are_scoped():
+    assert not torch.are_deterministic_algorithms_enabled()
+    with train_mod.deterministic_algorithms(True):
+        assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.are_deterministic_algorithms_enabled()
+    with train_mod.deterministic_algorithms(False):
+        assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_compiled_training_saves_plain_keys_and_compiles_once(store, tmp_path):
+    """torch.compile over two stages and four epochs: one graph (no recompiles at epoch or
+    stage boundaries), checkpoint keys of the plain model, and without dropout (the compiled
+    graph draws its masks with its own generator) the same model as eager up to the
+    compiler's float reassociation (measured: 2.4e-7 after 16 steps)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    config = dataclasses.replace(RESUME_CONFIG, precision="fp32")
+    options = {**TINY.model, "dropout": 0.0}
+    kwargs = {"variant": "se-multi", "model_options": options, "progress": False}
+    compiled = train(
+        store, tmp_path / "c", config=dataclasses.replace(config, compile=True), **kwargs
+    )
+    assert compiled.finished and compiled.epochs == 4
+    assert counters["stats"]["unique_graphs"] == 1
+    got = read_checkpoint(tmp_path / "c" / "last.pt")["model_state"]
+    train(store, tmp_path / "e", config=config, **kwargs)
+    want = read_checkpoint(tmp_path / "e" / "last.pt")["model_state"]
+    assert list(got) == list(want) and not any("_orig_mod" in k for k in got)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5, msg=key)
