@@ -11,7 +11,10 @@ and ``tag_metrics``, as ``resemul evaluate`` scores a model).
 Two runs that differ only in rounding still drift apart step by step, so a third run, fp32
 from another seed, measures how far an unrelated run of the same recipe lands: the comparison
 passes when the fp32 and bf16 validation losses differ by at most ``tolerance`` or by no more
-than the other seed's fp32 run differs from the first (whichever is larger). BatchNorm momentum
+than twice what the other seed's fp32 run differs from the first (whichever is larger). Twice,
+because that yardstick is itself one noisy difference: on the CPU at width 1/8, 400 steps, the
+fp32 seed-to-seed differences were 0.11, 0.09 and 0.06 while bf16 differed from fp32 by 0.04,
+0.02 and 0.06 (``bench/RESULTS.md``). BatchNorm momentum
 is 0.1 (:data:`BN_MOMENTUM`), as in the short profiles.
 
 The data is a learnable store made by :func:`make_tone_store`: clips of tones, noises, clicks
@@ -74,6 +77,8 @@ SAMPLE_RATE = 22_050
 #: Validation-loss difference allowed between fp32 and bf16 (absolute, in BCE units), or the
 #: difference another seed makes in fp32 if that is larger.
 DEFAULT_TOLERANCE = 0.02
+#: ... or this multiple of the validation-loss difference between two fp32 seeds, if larger.
+SEED_FACTOR = 2
 #: BatchNorm momentum of the runs: the demo and tiny profiles' 0.1. With the paper's 0.01 the
 #: inference statistics trail a 200-step run's weights by ~100 steps, and the validation loss
 #: measures that lag (0.64-0.68 against training losses of 0.30-0.39 in one CPU run).
@@ -242,7 +247,7 @@ def compare_precisions(
         "max_step_loss_diff": float(step_diffs.max()),
         "roc_auc_diff": bf16["test_roc_auc"] - fp32["test_roc_auc"],
         "tolerance": tolerance,
-        "passed": bool(val_diff <= max(tolerance, seed_diff)),
+        "passed": bool(val_diff <= max(tolerance, SEED_FACTOR * seed_diff)),
     }
 
 
@@ -251,7 +256,11 @@ def summary_line(result: dict[str, Any]) -> str:
     fp32, bf16 = result["runs"]["fp32"], result["runs"]["bf16"]
     verdict = "<=" if result["passed"] else ">"
     seed = result["seed_val_loss_diff"]
-    allowed = f"max({result['tolerance']}, seed diff {seed:.4f})" if seed is not None else ""
+    allowed = (
+        f"max({result['tolerance']}, {SEED_FACTOR} x seed diff {seed:.4f})"
+        if seed is not None
+        else ""
+    )
     return (
         f"val loss fp32 {fp32['val_loss']:.4f}, bf16 {bf16['val_loss']:.4f}, abs diff "
         f"{result['val_loss_diff']:.4f} {verdict} {allowed or result['tolerance']}; max step "
@@ -278,7 +287,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {run['train_seconds']:.1f} |"
         )
     seed = result["seed_val_loss_diff"]
-    allowed = f"the larger of {result['tolerance']} and the seed's difference"
+    allowed = f"the larger of {result['tolerance']} and {SEED_FACTOR} x the seed's difference"
     lines += [
         "",
         f"Validation loss, fp32 minus bf16, in absolute value: {result['val_loss_diff']:.4f}"

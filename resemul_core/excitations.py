@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from .files import atomic_write
 from .model import VARIANTS, ModelConfig, model_config
+from .precision import configure_backends
 
 __all__ = [
     "PAPER_STD_ACROSS_TAGS",
@@ -264,6 +265,7 @@ def extract_excitations(
         raise ValueError(f"split {split!r} has no clips")
 
     device = torch.device(device)
+    configure_backends(device, "fp32")  # float32 as in evaluation: no TF32 on CUDA
     was_training = model.training
     model.to(device).eval()
     counts = np.zeros(len(indices), dtype=np.int64)

@@ -24,6 +24,7 @@ import torch
 from .audio import SAMPLE_RATE, SEGMENTS_PER_CLIP, load_audio, segment_waveform
 from .checkpoint import load_checkpoint
 from .model import SampleCNN
+from .precision import configure_backends
 from .store import SegmentStore
 from .train import select_device
 
@@ -70,6 +71,7 @@ class Tagger:
         if segments_per_clip is not None and segments_per_clip < 1:
             raise ValueError(f"segments_per_clip must be >= 1 or None, got {segments_per_clip}")
         self.device = torch.device(device)
+        configure_backends(self.device, "fp32")  # float32 as in evaluation: no TF32 on CUDA
         self.model = model.to(self.device).eval()
         self.tags = list(tags)
         self.sample_rate = int(sample_rate)
