@@ -69,7 +69,7 @@ book: $(STAMP)
 	@$(PAPERMILL) $(NB)/04_excitations.ipynb $(EXE)/04_excitations.ipynb \
 		-p run $(UP)/$(RUNS)/$(EXCITATION_VARIANT) -p data $(UP)/$(STORE) -p device $(DEVICE) \
 		|| { echo "make book: notebook 04_excitations.ipynb failed (see $(EXE)/04_excitations.ipynb)"; exit 1; }
-	@$(BIN)/resemul book-toc --out book/_toc.yml --variants $(VARIANTS)
+	@$(BIN)/python book/toc.py $(VARIANTS)
 	$(BIN)/jupyter-book build book --warningiserror --keep-going
 	@echo "make book: open book/_build/html/index.html"
 

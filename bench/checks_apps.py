@@ -119,11 +119,12 @@ def book(ctx: Context) -> tuple[str, dict]:
 def inference(ctx: Context) -> tuple[str, dict]:
     """Check 8: ``Tagger`` on a wav and ``extract_excitations`` on the store, on the device
     and on the CPU, from one checkpoint: the same probabilities and gates."""
-    from resemul_core.checkpoint import load_checkpoint
-    from resemul_core.excitations import extract_excitations
-    from resemul_core.precision import configure_backends
-    from resemul_core.tagger import Tagger
-    from resemul_core.train import PROFILES, train
+    from resemul_core.analysis.excitations import extract_excitations
+    from resemul_core.config import PROFILES
+    from resemul_core.interfaces.tagger import Tagger
+    from resemul_core.runtime import configure_backends
+    from resemul_core.training.loop import train
+    from resemul_core.training.run_dir import load_model
 
     store, device = ctx.store("paper"), str(ctx.device)
     tiny = PROFILES["tiny"]
@@ -145,7 +146,7 @@ def inference(ctx: Context) -> tuple[str, dict]:
     prob_diff = float(np.abs(probs["cpu"] - probs[device]).max())
     gates = {}
     for name, where, batch in (("cpu", "cpu", 64), ("device", device, 48)):
-        model, _ = load_checkpoint(run)
+        model, _ = load_model(run)
         gates[name] = extract_excitations(
             model,
             store,

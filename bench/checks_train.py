@@ -30,7 +30,7 @@ SYNC_STEPS, SYNC_WARMUP = 10, 3
 
 def _train_module() -> Any:
     # the module, not the function `train` that the package re-exports under the same name
-    return importlib.import_module("resemul_core.train")
+    return importlib.import_module("resemul_core.training.loop")
 
 
 def _read_log(run_dir: Path) -> list[dict[str, str]]:
@@ -71,10 +71,11 @@ def test_suite(ctx: Context) -> tuple[str, dict]:
 
 def resume_across_devices(ctx: Context) -> tuple[str, dict]:
     """Check 2: device -> CPU -> device resumes of one run; a last.pt with 3 CUDA RNG states."""
-    from resemul_core.checkpoint import read_checkpoint
+    from resemul_core.config import PROFILES
+    from resemul_core.model.checkpoint import read_checkpoint
 
     train_mod = _train_module()
-    tiny = train_mod.PROFILES["tiny"]
+    tiny = PROFILES["tiny"]
     base = dataclasses.replace(
         tiny.config, num_stages=2, max_epochs_per_stage=2, max_steps_per_epoch=4, seed=1
     )
@@ -167,17 +168,13 @@ def host_syncs(ctx: Context) -> tuple[str, dict]:
 
 def _sync_trial(ctx: Context, *, resident: bool, precision: str) -> str:
     """``"no sync"``, or the first line of the error a synchronising call raised."""
-    from resemul_core.datasets import SegmentBatches
-    from resemul_core.model import build_model
-    from resemul_core.precision import configure_backends
-    from resemul_core.train import (
-        ResidentSplit,
-        TrainConfig,
-        build_optimizer,
-        device_batches,
-        epoch_batches,
-        train_step,
-    )
+    from resemul_core.config import TrainConfig
+    from resemul_core.data.datasets import SegmentBatches
+    from resemul_core.model.sample_cnn import build_model
+    from resemul_core.runtime import configure_backends
+    from resemul_core.training.feeding import ResidentSplit, device_batches
+    from resemul_core.training.loop import train_step
+    from resemul_core.training.schedule import build_optimizer, epoch_batches
 
     store, device = ctx.store("paper"), ctx.device
     batches = SegmentBatches(store, "train")
@@ -235,10 +232,11 @@ def precision(ctx: Context) -> tuple[str, dict]:
 
 def compiled_run(ctx: Context) -> tuple[str, dict]:
     """Check 5: train(compile=True) over epoch and stage boundaries; graphs and keys."""
-    from resemul_core.checkpoint import read_checkpoint
+    from resemul_core.config import PROFILES
+    from resemul_core.model.checkpoint import read_checkpoint
 
     train_mod = _train_module()
-    tiny = train_mod.PROFILES["tiny"]
+    tiny = PROFILES["tiny"]
     config = dataclasses.replace(
         tiny.config,
         device=str(ctx.device),
@@ -313,7 +311,7 @@ def ddp(ctx: Context) -> tuple[str, dict]:
     kind = "cuda" if ctx.cuda else "cpu"
     train_args = [
         "-m",
-        "resemul_core.cli",
+        "resemul_core.interfaces.cli",
         "train",
         "--variant=se-multi",
         f"--data={store.path}",

@@ -7,8 +7,8 @@
 * :func:`make_bench_data`, :func:`write_npy_clips`, :func:`time_loaders`: a segment store of
   random clips and the same clips as one decoded float32 ``.npy`` file each (how peer
   repositories feed their models),
-  then segments/s of the loaders: :class:`~resemul_core.datasets.SegmentDataset` read by
-  read, through a ``DataLoader``, :class:`~resemul_core.datasets.SegmentBatches` (one int16
+  then segments/s of the loaders: :class:`~resemul_core.data.datasets.SegmentDataset` read by
+  read, through a ``DataLoader``, :class:`~resemul_core.data.datasets.SegmentBatches` (one int16
   read per batch), and the per-item ``.npy`` baseline (:class:`NpyClips`).
 """
 
@@ -23,11 +23,11 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from resemul_core.datasets import SegmentBatches, SegmentDataset
-from resemul_core.prepare import prepare_store
-from resemul_core.sources import read_table
-from resemul_core.store import SegmentStore, write_store_from_arrays
-from resemul_core.train import epoch_batches
+from resemul_core.data.datasets import SegmentBatches, SegmentDataset
+from resemul_core.data.prepare import prepare_store
+from resemul_core.data.sources import read_table
+from resemul_core.data.store import SegmentStore, write_store_from_arrays
+from resemul_core.training.schedule import epoch_batches
 
 
 def make_clips(folder: Path, count: int, *, seconds: float = 29.1, rate: int = 16_000) -> Path:

@@ -46,7 +46,7 @@ done
 [ -f "$CONSTRAINTS" ] || { echo "gpu_wheels.sh: run from the repository root" >&2; exit 2; }
 
 PACKAGES=(
-    # audio decoding (resemul_core.audio, resemul_core.synth)
+    # audio decoding (resemul_core.data.audio, resemul_core.data.synth)
     soundfile soxr cffi pycparser
     # librosa: only bench/data_speed.py imports it (lazily); the library never does
     librosa audioread pooch decorator platformdirs

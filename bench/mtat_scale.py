@@ -10,7 +10,7 @@ average:
 
 1. ``generate``: ``resemul data synth --mtat`` writes an MTAT-sized synthetic release (MTAT's
    layout, 25,863 mp3s of 29.1 s at 16 kHz, MTAT's split counts; see
-   :mod:`resemul_core.synth_release`) into ``SCRATCH/release``, or reuses a complete one.
+   :mod:`resemul_core.data.synth_release`) into ``SCRATCH/release``, or reuses a complete one.
 2. ``prepare``: ``resemul data prepare --dataset mtat --workers 2`` into ``SCRATCH/store``,
    SIGKILLed (the whole process group) once the journal shows ``--kill-at`` of the clips done.
 3. ``resume``: the same command again, to completion.
@@ -49,7 +49,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "mtat_scale.json"
-RESEMUL = [sys.executable, "-m", "resemul_core.cli"]
+RESEMUL = [sys.executable, "-m", "resemul_core.interfaces.cli"]
 GB = 1e9
 
 
@@ -248,9 +248,9 @@ def drop_page_cache(path: Path) -> str:
 
 def check_store(store_dir: Path, release: Path, expected: dict, *, sample: int) -> dict[str, Any]:
     """Counts, every digest re-read from disk, a decoded sample, the order, the fingerprint."""
-    from resemul_core.audio import load_audio, segment_waveform
-    from resemul_core.sources import read_mtat
-    from resemul_core.store import (
+    from resemul_core.data.audio import load_audio, segment_waveform
+    from resemul_core.data.sources import read_mtat
+    from resemul_core.data.store import (
         clip_digest,
         clips_to_csv,
         open_store,
@@ -350,8 +350,8 @@ def time_loader(
     """
     from torch.utils.data import DataLoader
 
-    from resemul_core.datasets import SegmentBatches
-    from resemul_core.train import epoch_batches
+    from resemul_core.data.datasets import SegmentBatches
+    from resemul_core.training.schedule import epoch_batches
 
     batches = SegmentBatches(store_dir, "train")
     steps = len(batches) // batch_size

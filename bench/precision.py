@@ -42,23 +42,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from resemul_core.datasets import SegmentBatches, SegmentDataset
-from resemul_core.evaluate import predict_clips, tag_metrics
-from resemul_core.model import build_model
-from resemul_core.precision import configure_backends
-from resemul_core.store import SegmentStore, write_store_from_arrays
-from resemul_core.train import (
-    ResidentSplit,
-    TrainConfig,
-    build_optimizer,
-    decayed_learning_rate,
-    device_batches,
-    epoch_batches,
-    num_blocks_for,
-    select_device,
-    train_step,
-    validation_loss,
-)
+from resemul_core.analysis.evaluate import predict_clips, tag_metrics
+from resemul_core.config import TrainConfig, num_blocks_for
+from resemul_core.data.datasets import SegmentBatches, SegmentDataset
+from resemul_core.data.store import SegmentStore, write_store_from_arrays
+from resemul_core.model.sample_cnn import build_model
+from resemul_core.runtime import configure_backends, select_device
+from resemul_core.training.feeding import ResidentSplit, device_batches
+from resemul_core.training.loop import train_step, validation_loss
+from resemul_core.training.schedule import build_optimizer, decayed_learning_rate, epoch_batches
 
 #: Tags of the tone store, in label order.
 TONE_TAGS = (

@@ -47,11 +47,11 @@ import torch
 from data_speed import make_bench_data, make_clips, time_librosa, time_loaders, time_prepare
 from train_speed import MODES, first_line, run_baseline_process, time_ours
 
-from resemul_core.model import VARIANTS, build_model
-from resemul_core.precision import PRECISIONS
-from resemul_core.store import SegmentStore
-from resemul_core.tagger import Tagger
-from resemul_core.train import select_device
+from resemul_core.config import PRECISIONS, VARIANTS
+from resemul_core.data.store import SegmentStore
+from resemul_core.interfaces.tagger import Tagger
+from resemul_core.model.sample_cnn import build_model
+from resemul_core.runtime import select_device
 
 SECTIONS = ("train", "loader", "infer", "prepare")
 DEFAULT_VARIANTS = "basic,se-multi,res2,rese2-multi"

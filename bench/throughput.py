@@ -355,7 +355,7 @@ def _markdown(rows: list[dict], recipe: dict, ctx: Context) -> str:
 
 def _worker_main(args: argparse.Namespace) -> int:
     """Compile (if asked), report READY, wait for GO, time every mode, report RESULT."""
-    from resemul_core.store import open_store
+    from resemul_core.data.store import open_store
 
     store = open_store(args.store)
     device = torch.device(args.device)

@@ -1,15 +1,15 @@
 """Training-step benchmarks: our step in three modes against a plain baseline in its own process.
 
-Our training step (:func:`~resemul_core.train.train_step`, fed by
-:func:`~resemul_core.train.device_batches` as :func:`~resemul_core.train.train` runs it, the
-backends set by :func:`~resemul_core.precision.configure_backends`, precision a parameter,
+Our training step (:func:`~resemul_core.training.loop.train_step`, fed by
+:func:`~resemul_core.training.feeding.device_batches` as :func:`~resemul_core.training.loop.train` runs it, the
+backends set by :func:`~resemul_core.runtime.configure_backends`, precision a parameter,
 bf16 by default, the loss never read back) in one of :data:`MODES`:
 
 * ``eager+loader``: int16 batches read by a ``DataLoader`` (pinned on CUDA), dequantized on
   the device;
 * ``eager+resident``: the training split held on the device (``ResidentSplit``), batches
   gathered there;
-* ``compiled+resident``: as above through :func:`~resemul_core.train.compile_model` (CUDA
+* ``compiled+resident``: as above through :func:`~resemul_core.runtime.compile_model` (CUDA
   graphs on one GPU). Dynamo is reset first and made to fail rather than fall back to eager
   when it hits its recompile limit, and a compile that leaves no graph is an error.
 
@@ -49,22 +49,14 @@ import torch
 from data_speed import NpyClips
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
-from resemul_core.datasets import SegmentBatches, SegmentDataset
-from resemul_core.model import build_model, count_parameters
-from resemul_core.precision import configure_backends
-from resemul_core.store import SegmentStore, open_store
-from resemul_core.train import (
-    ResidentSplit,
-    TrainConfig,
-    bce_loss,
-    build_optimizer,
-    compile_model,
-    device_batches,
-    epoch_batches,
-    num_blocks_for,
-    train_step,
-    validation_loss,
-)
+from resemul_core.config import TrainConfig, num_blocks_for
+from resemul_core.data.datasets import SegmentBatches, SegmentDataset
+from resemul_core.data.store import SegmentStore, open_store
+from resemul_core.model.sample_cnn import build_model, count_parameters
+from resemul_core.runtime import compile_model, configure_backends
+from resemul_core.training.feeding import ResidentSplit, device_batches
+from resemul_core.training.loop import train_step, validation_loss
+from resemul_core.training.schedule import bce_loss, build_optimizer, epoch_batches
 
 #: The ways "ours" is timed, slowest first.
 MODES = ("eager+loader", "eager+resident", "compiled+resident")
@@ -143,7 +135,7 @@ class OursRun:
     """One variant's model, optimizer and batch stream in one mode, ready to warm up and time.
 
     Args:
-        variant: a key of :data:`~resemul_core.model.VARIANTS`.
+        variant: a key of :data:`~resemul_core.config.VARIANTS`.
         store: its training split is the data; the model fits its segment length.
         mode: one of :data:`MODES`.
         total_steps: steps the batch stream holds (warm-up and timed together).
@@ -268,7 +260,7 @@ def time_validation(
     segments: int,
     batch_size: int = 230,
 ) -> float:
-    """Segments/s of one :func:`~resemul_core.train.validation_loss` call (eval forward passes,
+    """Segments/s of one :func:`~resemul_core.training.loop.validation_loss` call (eval forward passes,
     its DataLoader's start and loading included) over ``segments`` segments, the training
     split's repeated, after a call over the split alone (cuDNN autotuning)."""
     dataset = SegmentDataset(store, "train")

@@ -1,15 +1,56 @@
-"""Plain-dict round trips for the configuration dataclasses stored in checkpoints.
+"""Everything a run is configured by: the variants, the model, the recipe, the profiles.
 
-Public: :class:`DictConfig`.
+Public: :class:`DictConfig`, :data:`BLOCK_TYPES`, :data:`INITS`, :data:`VARIANTS`,
+:class:`ModelConfig`, :func:`model_config`, :class:`TrainConfig`, :data:`RUNTIME_FIELDS`,
+:class:`Profile`, :data:`PROFILES`, :func:`num_blocks_for`.
+
+Code cites the book's specification page as "specification §N.M".
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, fields
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
-__all__ = ["DictConfig"]
+__all__ = [
+    "BLOCK_TYPES",
+    "INITS",
+    "KERAS_BN_EPS",
+    "KERAS_BN_MOMENTUM",
+    "PRECISIONS",
+    "PROFILES",
+    "RUNTIME_FIELDS",
+    "VARIANTS",
+    "DictConfig",
+    "ModelConfig",
+    "Profile",
+    "TrainConfig",
+    "Variant",
+    "check_variants",
+    "get_profile",
+    "get_variant",
+    "check_precision",
+    "model_config",
+    "num_blocks_for",
+]
+
+# Keras 2.0.5 BatchNormalization defaults (specification §7.2): momentum 0.99 means a PyTorch
+# momentum of 0.01, and epsilon is 1e-3 rather than PyTorch's 1e-5.
+KERAS_BN_EPS = 1e-3
+KERAS_BN_MOMENTUM = 0.01
+
+#: The precision settings, faithful first.
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`; otherwise a ``ValueError`` naming them."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    return precision
+
 
 _Config = TypeVar("_Config", bound="DictConfig")
 
@@ -31,3 +72,351 @@ class DictConfig:
         if unknown:
             raise ValueError(f"unknown {cls.__name__} fields: {', '.join(sorted(unknown))}")
         return cls(**data)
+
+
+#: The paper's block types (specification §2.2).
+BLOCK_TYPES = ("basic", "se", "res1", "res2", "rese1", "rese2")
+INITS = ("keras", "he")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One of the paper's twelve models: a block type with or without multi-level aggregation.
+
+    Attributes:
+        name: the registry name, e.g. ``"rese2-multi"``.
+        block: the block type, one of :data:`BLOCK_TYPES`.
+        multi: whether the head reads the last three blocks (specification §2.1).
+        num_convs: convolutions on a residual block's main path (1 or 2); 0 for the plain
+            conv block.
+        se: whether the blocks carry squeeze-and-excitation gates.
+    """
+
+    name: str
+    block: str
+    multi: bool
+    num_convs: int
+    se: bool
+
+
+# block type -> (residual convs n or 0 for the plain conv block, uses SE)
+_BLOCK_SPECS: dict[str, tuple[int, bool]] = {
+    "basic": (0, False),
+    "se": (0, True),
+    "res1": (1, False),
+    "res2": (2, False),
+    "rese1": (1, True),
+    "rese2": (2, True),
+}
+
+#: The twelve variants of the paper, in the paper's order: every block type without and with
+#: multi-level feature aggregation.
+VARIANTS: dict[str, Variant] = {
+    name: Variant(name, block, multi, *_BLOCK_SPECS[block])
+    for block in BLOCK_TYPES
+    for multi in (False, True)
+    for name in [f"{block}-multi" if multi else block]
+}
+
+
+def get_variant(name: str) -> Variant:
+    """The registry row of ``name``; a ``ValueError`` lists the valid names."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; valid variants: {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def check_variants(names: Iterable[str] | str | None) -> list[str]:
+    """Variant names from a list or one space/comma-separated string, checked, in the given
+    order; ``None`` or ``""`` gives every variant. A ``ValueError`` names the unknown ones."""
+    if isinstance(names, str):
+        names = names.replace(",", " ").split()
+    names = list(names or VARIANTS)
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise ValueError(
+            f"unknown variant(s) {', '.join(unknown)}; valid variants: {', '.join(VARIANTS)}"
+        )
+    return names
+
+
+@dataclass(frozen=True)
+class ModelConfig(DictConfig):
+    """Everything needed to rebuild a model; stored in every checkpoint.
+
+    Defaults are the paper's (SPEC §2); only ``block`` and ``multi`` differ between the
+    twelve variants.
+    """
+
+    block: str = "basic"  # one of BLOCK_TYPES (SPEC §2.2)
+    multi: bool = False  # head on the max-pooled last three blocks (SPEC §2.1)
+    num_tags: int = 50  # outputs; 50 for MTAT/MSD top-50 (SPEC §1)
+    width: float = 1.0  # multiplier on every channel count; 1.0 = paper
+    alpha: float = 16.0  # SE expansion ratio, hidden = alpha * C (SPEC §2.2, R:train.py:18)
+    dropout: float = 0.5  # head dropout before the last Dense (SPEC §2.1, R:train.py:25)
+    block_dropout: float = 0.2  # dropout between the two convs of Res-2/ReSE-2 (SPEC §2.2)
+    init: str = "keras"  # "keras" = Keras 2.0.5 incl. its Conv1D fan bug; "he" (SPEC §2.3)
+    bn_eps: float = KERAS_BN_EPS  # Keras BatchNormalization epsilon (SPEC §7.2)
+    bn_momentum: float = KERAS_BN_MOMENTUM  # = 1 - Keras momentum 0.99 (SPEC §7.2)
+    num_blocks: int = 9  # input length is 3 ** (num_blocks + 1): 59049 samples for 9
+
+    def __post_init__(self) -> None:
+        if self.block not in BLOCK_TYPES:
+            raise ValueError(f"unknown block type {self.block!r}; valid: {', '.join(BLOCK_TYPES)}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; valid: {', '.join(INITS)}")
+        if self.num_blocks < 3:
+            raise ValueError(f"num_blocks must be >= 3, got {self.num_blocks}")
+        if self.width <= 0 or self.alpha <= 0 or self.num_tags < 1:
+            raise ValueError("width and alpha must be > 0 and num_tags >= 1")
+        if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.block_dropout < 1.0):
+            raise ValueError("dropout rates must lie in [0, 1)")
+
+    @property
+    def segment_length(self) -> int:
+        """Input samples per segment, 3 ** (num_blocks + 1) (59049 for the paper)."""
+        return 3 ** (self.num_blocks + 1)
+
+    @property
+    def has_se(self) -> bool:
+        """Whether the blocks carry squeeze-and-excitation gates."""
+        return _BLOCK_SPECS[self.block][1]
+
+    @property
+    def num_convs(self) -> int:
+        """Convolutions on a residual block's main path (1 or 2); 0 for the plain conv block."""
+        return _BLOCK_SPECS[self.block][0]
+
+    @property
+    def variant(self) -> str:
+        """The registry name of this configuration's block type and head."""
+        return f"{self.block}{'-multi' if self.multi else ''}"
+
+    def block_channels(self) -> list[int]:
+        """Output width of each block: 128, 128, 256 x (n-3), 512 at width 1.0.
+
+        The official code doubles before block index 2 and before the last block
+        (``R:model.py:91-96``).
+        """
+        widths = []
+        for i in range(self.num_blocks):
+            base = 128 * (2 if i >= 2 else 1) * (2 if i == self.num_blocks - 1 else 1)
+            widths.append(self.scale(base))
+        return widths
+
+    def scale(self, channels: int) -> int:
+        return max(1, round(channels * self.width))
+
+
+def model_config(name: str, **overrides: Any) -> ModelConfig:
+    """The :class:`ModelConfig` of a registered variant, with optional field overrides.
+
+    Raises:
+        ValueError: for an unknown variant name (the message lists the valid names) or an
+            unknown override.
+    """
+    variant = get_variant(name)
+    known = {f.name for f in fields(ModelConfig)} - {"block", "multi"}
+    bad = set(overrides) - known
+    if bad:
+        raise ValueError(
+            f"unknown option(s) {', '.join(sorted(bad))} for build_model; "
+            f"valid: {', '.join(sorted(known))}"
+        )
+    return ModelConfig(block=variant.block, multi=variant.multi, **overrides)
+
+
+@dataclass(frozen=True)
+class TrainConfig(DictConfig):
+    """Every number of the training recipe; stored in every checkpoint.
+
+    The defaults are the paper's (``R:train.py``, SPEC §3). The fields in
+    :data:`RUNTIME_FIELDS` only decide where and how fast the run goes and may change on resume.
+
+    Note:
+        Keras' ``fit(epochs=100, initial_epoch=...)`` with epoch numbers continuing across
+        stages caps the epoch *index* at 100, so the official code left later stages fewer
+        than 100 epochs; here every stage may run ``max_epochs_per_stage`` epochs. With
+        patience 2 neither cap is reached on MTAT.
+
+    Note:
+        Data-parallel runs (``torchrun``) keep ``batch_size`` as the *global* batch. With
+        ``sync_bn`` (the default) BatchNorm normalises over the global batch as the paper's
+        single GPU did, and a run matches a single-process run up to float rounding, except
+        that dropout masks are drawn per rank. Without it every rank normalises its own
+        ``batch_size / world_size`` segments: faster, but a different (noisier) model.
+    """
+
+    learning_rate: float = 0.01  # lr of the first stage (SPEC §3, R:train.py:21)
+    lr_factor: float = 0.2  # lr multiplier from one stage to the next (SPEC §3, R:train.py:28-30)
+    num_stages: int = 5  # learning-rate stages: 0.01, 0.002, 4e-4, 8e-5, 1.6e-5 (SPEC §3)
+    momentum: float = 0.9  # SGD momentum (SPEC §3, R:train.py:22)
+    nesterov: bool = True  # Nesterov momentum (SPEC §3, R:train.py:106)
+    lr_decay: float = 1e-6  # Keras time decay per step: lr_t = lr / (1 + decay t) (SPEC §3)
+    weight_decay: float = 0.0  # L2 coefficient; official default 0 (SPEC §2.3, R:train.py:26)
+    batch_size: int = 23  # segments per optimizer step (SPEC §3, R:train.py:20)
+    patience: int = 2  # Keras 2.0.5 EarlyStopping patience: stop at 3rd bad epoch (SPEC §3)
+    max_epochs_per_stage: int = 100  # epochs per stage at most (SPEC §3, R:train.py:70)
+    max_steps_per_epoch: int | None = None  # cap on steps; None: ceil(segments/batch) (SPEC §3)
+    val_segments: int | None = None  # validate on the first N segments; None: all (SPEC §3)
+    val_batch_size: int = 230  # segments per validation forward pass (no effect on the value)
+    seed: int = 0  # seeds weights, data order and dropout (not in the paper)
+    precision: str = "fp32"  # "fp32" (the paper's), "tf32" or "bf16" (resemul_core.runtime)
+    checkpoint_every: int = 1000  # optimizer steps between resume checkpoints (runtime)
+    device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1" (runtime)
+    compile: bool = False  # torch.compile forward + backward; CUDA graphs on one GPU (runtime)
+    deterministic: bool = False  # deterministic CUDA kernels, no autotuning: slower (runtime)
+    num_workers: int = 0  # DataLoader worker processes; 0 = load in the main process (runtime)
+    data_on_device: bool = False  # hold the training split on the device as int16 (runtime)
+    sync_bn: bool = True  # under DDP, BN statistics over the global batch, not per rank (runtime)
+
+    def __post_init__(self) -> None:
+        positive = ("learning_rate", "batch_size", "num_stages", "max_epochs_per_stage")
+        for name in positive + ("val_batch_size", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_steps_per_epoch", "val_segments"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"TrainConfig.{name} must be > 0 or None, got {value}")
+        if not 0.0 < self.lr_factor <= 1.0:
+            raise ValueError(f"TrainConfig.lr_factor must lie in (0, 1], got {self.lr_factor}")
+        if self.patience < 0 or self.lr_decay < 0 or self.weight_decay < 0 or self.momentum < 0:
+            raise ValueError("patience, lr_decay, weight_decay and momentum must be >= 0")
+        if self.num_workers < 0:
+            raise ValueError(f"TrainConfig.num_workers must be >= 0, got {self.num_workers}")
+        check_precision(self.precision)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Rebuild from :meth:`to_dict`; also reads checkpoints written before ``precision``
+        existed (their ``autocast: true`` was bf16, ``false`` fp32)."""
+        data = dict(data)
+        if "autocast" in data and "precision" not in data:
+            data["precision"] = "bf16" if data.pop("autocast") else "fp32"
+        return super().from_dict(data)
+
+
+#: TrainConfig fields that do not change the result and may differ when a run is resumed.
+RUNTIME_FIELDS = frozenset(
+    {
+        "checkpoint_every",
+        "device",
+        "compile",
+        "deterministic",
+        "num_workers",
+        "data_on_device",
+        "sync_bn",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named training budget: a :class:`TrainConfig` and the model options it implies.
+
+    Smaller profiles change sizes and budgets only (width, stages, epochs, steps per epoch),
+    never the algorithm.
+
+    Note:
+        ``paper`` trains in float32 as the paper did; ``demo`` and ``tiny`` use bf16 autocast
+        (``precision="bf16"``, also on the CPU), which makes the book's CPU runs faster and
+        their numbers slightly different from float32 ones (the measured difference is on the
+        book's training page).
+
+    Note:
+        ``demo`` and ``tiny`` also shorten the horizon of BatchNorm's running averages
+        (``bn_momentum`` 0.1 instead of Keras' 0.01, i.e. ~10 steps instead of ~100). This
+        leaves training itself unchanged (train-mode BN uses batch statistics; the training
+        losses are identical) and only lets the inference-time statistics keep up with
+        weights that move fast over a few hundred steps. With the paper's 0.01, a 540-step
+        ``demo`` run of se-multi on the synthetic data scored test ROC-AUC 0.58; with 0.1, 0.75
+        (MTAT epochs of 6,631 steps make the horizon irrelevant for ``paper``).
+    """
+
+    name: str
+    description: str
+    config: TrainConfig
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. width
+
+
+#: The training profiles: the paper's recipe, the book on a CPU and on a GPU, a smoke run.
+PROFILES: dict[str, Profile] = {
+    "paper": Profile(
+        name="paper",
+        description=(
+            "The paper's recipe at full width in float32: 5 stages, up to 100 epochs each, "
+            "6,631 steps of 23 segments per MTAT epoch."
+        ),
+        config=TrainConfig(num_workers=6),
+        model={"width": 1.0},
+    ),
+    "demo": Profile(
+        name="demo",
+        description=(
+            "Sized for the book on 2 CPU cores (1-3 minutes per variant in bf16): width 1/16, "
+            "2 stages of at most 3 epochs of 120 steps (<= 720 steps of 23 segments), "
+            "validation on <= 230 segments, BN averaging horizon ~10 steps."
+        ),
+        config=TrainConfig(
+            num_stages=2,
+            max_epochs_per_stage=3,
+            max_steps_per_epoch=120,
+            val_segments=230,
+            precision="bf16",
+            checkpoint_every=120,
+        ),
+        model={"width": 0.0625, "bn_momentum": 0.1},
+    ),
+    "gpu": Profile(
+        name="gpu",
+        description=(
+            "The book on one GPU: the paper's width in bf16, 2 stages of at most 3 epochs of "
+            "1,000 steps (<= 6,000 steps of 23 segments), validation on <= 2,300 segments, "
+            "the training split held on the GPU."
+        ),
+        config=TrainConfig(
+            num_stages=2,
+            max_epochs_per_stage=3,
+            max_steps_per_epoch=1000,
+            val_segments=2300,
+            precision="bf16",
+            checkpoint_every=1000,
+            data_on_device=True,
+        ),
+        model={"width": 1.0},
+    ),
+    "tiny": Profile(
+        name="tiny",
+        description=(
+            "A smoke test in seconds: width 1/16, bf16, 2 stages of at most 3 epochs of 10 steps."
+        ),
+        config=TrainConfig(
+            num_stages=2,
+            max_epochs_per_stage=3,
+            max_steps_per_epoch=10,
+            val_segments=230,
+            precision="bf16",
+            checkpoint_every=5,
+        ),
+        model={"width": 1 / 16, "bn_momentum": 0.1},
+    ),
+}
+
+
+def get_profile(name: str) -> Profile:
+    """The training profile called ``name``; a ``ValueError`` lists the valid names."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; valid profiles: {', '.join(PROFILES)}")
+    return PROFILES[name]
+
+
+def num_blocks_for(segment_length: int) -> int:
+    """The number of blocks whose input is ``segment_length = 3 ** (num_blocks + 1)`` samples."""
+    n = round(math.log(segment_length, 3)) - 1
+    if n < 3 or 3 ** (n + 1) != segment_length:
+        raise ValueError(
+            f"segment length {segment_length} is not 3**(n + 1) for n >= 3 blocks "
+            "(59049 = 3**10 for the paper's 9 blocks)"
+        )
+    return n

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from resemul_core.train import TrainConfig
+from resemul_core.config import TrainConfig
 
 #: Where the training tests train: "cpu" unless RESEMUL_TEST_DEVICE says otherwise.
 TEST_DEVICE = os.environ.get("RESEMUL_TEST_DEVICE", "cpu")

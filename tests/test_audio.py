@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from resemul_core.audio import AudioDecodeError, load_audio, segment_waveform
+from resemul_core.data.audio import AudioDecodeError, load_audio, segment_waveform
 
 
 def sine(seconds: float, rate: int, *, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:

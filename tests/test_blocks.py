@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from resemul_core.blocks import BasicBlock, ResidualBlock, SqueezeExcitation
+from resemul_core.model.blocks import BasicBlock, ResidualBlock, SqueezeExcitation
 
 
 def test_se_gate_is_sigmoid_of_expanded_mean():

@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from resemul_core import build_model
-from resemul_core.checkpoint import (
+from resemul_core.files import write_json, write_text
+from resemul_core.model.checkpoint import (
     CheckpointError,
     load_checkpoint,
     read_checkpoint,
-    resolve_checkpoint,
     save_checkpoint,
 )
-from resemul_core.files import write_json, write_text
+from resemul_core.training.run_dir import load_model, resolve_checkpoint
 
 TAGS = [f"tag{i}" for i in range(5)]
 
@@ -24,7 +24,7 @@ def _model():
 def test_round_trip_rebuilds_the_same_model(tmp_path):
     model = _model()
     path = save_checkpoint(tmp_path / "best.pt", model=model, tags=TAGS, epoch=3)
-    loaded, payload = load_checkpoint(tmp_path)  # a run directory resolves to best.pt
+    loaded, payload = load_model(tmp_path)  # a run directory resolves to best.pt
     x = torch.randn(2, 243)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     assert payload["tags"] == TAGS and payload["epoch"] == 3

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from resemul_core.datasets import ClipDataset, SegmentDataset
-from resemul_core.store import write_store_from_arrays
+from resemul_core.data.datasets import ClipDataset, SegmentDataset
+from resemul_core.data.store import write_store_from_arrays
 
 
 @pytest.fixture

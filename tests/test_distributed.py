@@ -1,8 +1,8 @@
-"""Tests of data-parallel training (resemul_core.distributed) and the device-resident data path.
+"""Tests of data-parallel training (resemul_core.training.distributed) and the device-resident data path.
 
 Two gloo processes on the CPU train a tiny model (width 1/16, 243-sample segments, 4 blocks)
 exactly as ``torchrun --nproc_per_node 2`` would start them: ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK`` in the environment, :func:`~resemul_core.train.train` called in each. All DDP
+``LOCAL_RANK`` in the environment, :func:`~resemul_core.training.loop.train` called in each. All DDP
 runs share one launch of two processes (a launch costs seconds of imports).
 """
 
@@ -24,14 +24,17 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from resemul_core.checkpoint import read_checkpoint
-from resemul_core.distributed import SyncBatchNorm1d, convert_sync_batchnorm, shard
-from resemul_core.model import build_model
-from resemul_core.store import write_store_from_arrays
-from resemul_core.train import TrainConfig, build_optimizer, epoch_batches, train
+from resemul_core.config import TrainConfig
+from resemul_core.data.store import write_store_from_arrays
+from resemul_core.model.checkpoint import read_checkpoint
+from resemul_core.model.sample_cnn import build_model
+from resemul_core.training.distributed import SyncBatchNorm1d, convert_sync_batchnorm, shard
+from resemul_core.training.loop import train
+from resemul_core.training.schedule import build_optimizer, epoch_batches
 
 # the module, not the function `train` that the package re-exports under the same name
-train_mod = importlib.import_module("resemul_core.train")
+train_mod = importlib.import_module("resemul_core.training.loop")
+state_mod = importlib.import_module("resemul_core.training.state")
 LENGTH = 3**5  # segment length of a 4-block model
 # 2 stages of 2 epochs of 3 steps (a stage change reads best.pt); a global batch of 7 splits
 # unevenly, 4 + 3; fp32 so that the comparison with one process is tight
@@ -92,13 +95,13 @@ def _rank_main(rank: int, world_size: int, ports: list[int], store: str, out: st
     )
     torch.set_num_threads(1)  # two processes on a small machine
     saved: list[str] = []
-    real_save = train_mod.save_checkpoint
+    real_save = state_mod.save_checkpoint
 
     def recording_save(path, **kwargs):
         saved.append(f"{Path(path).parent.name}/{Path(path).name}")
         return real_save(path, **kwargs)
 
-    train_mod.save_checkpoint = recording_save
+    state_mod.save_checkpoint = recording_save
     for port, (name, kwargs) in zip(ports, JOBS.items(), strict=True):
         os.environ["MASTER_PORT"] = str(port)
         run_dir = Path(out) / ("stopped" if name == "resumed" else name)

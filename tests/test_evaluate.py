@@ -1,4 +1,4 @@
-"""Tests of resemul_core.evaluate: metrics against hand-computed values, clip averaging, CLI."""
+"""Tests of resemul_core.analysis.evaluate: metrics against hand-computed values, clip averaging, CLI."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from resemul_core.checkpoint import save_checkpoint
-from resemul_core.cli import main as cli_main
-from resemul_core.evaluate import (
+from resemul_core.analysis.evaluate import (
     PAPER_RESULTS,
     evaluate_checkpoint,
     predict_clips,
@@ -21,8 +19,11 @@ from resemul_core.evaluate import (
     tag_metrics,
     write_metrics,
 )
-from resemul_core.model import VARIANTS, build_model
-from resemul_core.store import write_store_from_arrays
+from resemul_core.config import VARIANTS
+from resemul_core.data.store import write_store_from_arrays
+from resemul_core.interfaces.cli import main as cli_main
+from resemul_core.model.checkpoint import save_checkpoint
+from resemul_core.model.sample_cnn import build_model
 
 LENGTH = 3**5
 

@@ -9,9 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from resemul_core import VARIANTS, build_model
-from resemul_core.checkpoint import save_checkpoint
-from resemul_core.cli import main
-from resemul_core.excitations import (
+from resemul_core.analysis.excitations import (
     PAPER_STD_ACROSS_TAGS,
     ExcitationSet,
     clip_means,
@@ -31,7 +29,9 @@ from resemul_core.excitations import (
     summarize_excitations,
     tag_means,
 )
-from resemul_core.store import write_store_from_arrays
+from resemul_core.data.store import write_store_from_arrays
+from resemul_core.interfaces.cli import main
+from resemul_core.model.checkpoint import save_checkpoint
 
 TAGS = ["classical", "metal", "dance"]
 L = 243  # 3 ** 5: input length of the 4-block test models

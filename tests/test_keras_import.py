@@ -19,15 +19,15 @@ import numpy as np
 import pytest
 import torch
 
-from resemul_core.checkpoint import load_checkpoint
-from resemul_core.cli import main
-from resemul_core.keras_import import (
+from resemul_core.data.tags import MTAT_TOP50_TAGS
+from resemul_core.interfaces.cli import main
+from resemul_core.model.checkpoint import load_checkpoint
+from resemul_core.model.keras_import import (
     KerasImportError,
     convert_keras_checkpoint,
     import_keras,
     read_keras_file,
 )
-from resemul_core.tags import MTAT_TOP50_TAGS
 
 SMALL = {"width": 1 / 16, "num_blocks": 5, "alpha": 4.0}
 LENGTH = 3**6  # samples read by a 5-block model

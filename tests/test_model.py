@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from resemul_core import VARIANTS, ModelConfig, SampleCNN, build_model, count_parameters
-from resemul_core.blocks import ResidualBlock
-from resemul_core.model import model_config, reset_parameters, variant_table
+from resemul_core.config import model_config
+from resemul_core.model.blocks import ResidualBlock
+from resemul_core.model.sample_cnn import reset_parameters, variant_table
 
 # SPEC §2.4: (trainable, total incl. BN moving statistics) at width 1.0, 50 tags, alpha 16.
 PAPER_COUNTS = {

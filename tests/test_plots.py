@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from resemul_core.excitations import (
+from resemul_core.analysis.excitations import (
     PAPER_STD_ACROSS_TAGS,
     ExcitationSet,
     clip_means,
     std_per_level,
 )
-from resemul_core.plots import (
+from resemul_core.analysis.plots import (
     excitation_figures,
     plot_excitations_at_levels,
     plot_first_block_excitations,

@@ -6,7 +6,7 @@ from pathlib import Path
 import tomllib
 import yaml
 
-from resemul_core.cli import main
+from resemul_core.interfaces.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

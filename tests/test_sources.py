@@ -12,16 +12,16 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from resemul_core.cli import main
-from resemul_core.prepare import prepare_store
-from resemul_core.sources import (
+from resemul_core.data.prepare import prepare_store
+from resemul_core.data.sources import (
     MTAT_KNOWN_BROKEN,
     read_msd,
     read_mtat,
     read_source,
     read_table,
 )
-from resemul_core.tags import MSD_TOP50_TAGS, MTAT_TOP50_TAGS
+from resemul_core.data.tags import MSD_TOP50_TAGS, MTAT_TOP50_TAGS
+from resemul_core.interfaces.cli import main
 
 RATE = 8000
 MTAT_TAGS = ["guitar", "rock", "piano", "never", "choral", "slow"]
@@ -117,7 +117,7 @@ def test_mtat_real_size_warns_about_unexpected_counts(tmp_path, caplog):
     paths = [f"{'0123456789abcdef'[i % 16]}/c{i}.mp3" for i in range(25_863)]
     frame = pd.DataFrame({"clip_id": range(25_863), "guitar": 1, "mp3_path": paths})
     frame.to_csv(root / "annotations_final.csv", sep="\t", index=False)
-    with caplog.at_level(logging.WARNING, logger="resemul_core.sources"):
+    with caplog.at_level(logging.WARNING, logger="resemul_core.data.sources"):
         source = read_mtat(root)
     assert "looks like the real MTAT" in caplog.text and "(15247, 1529, 4332)" in caplog.text
     assert source.split_counts() == (1, 0, 0) and source.expected_counts == (15_244, 1_529, 4_332)

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from resemul_core.audio import load_audio, segment_waveform
-from resemul_core.prepare import prepare_store, store_summary
-from resemul_core.sources import read_table
-from resemul_core.store import (
+from resemul_core.data.audio import load_audio, segment_waveform
+from resemul_core.data.prepare import prepare_store, store_summary
+from resemul_core.data.sources import read_table
+from resemul_core.data.store import (
     dequantize,
     open_store,
     quantize,
@@ -207,8 +207,8 @@ def test_rerun_reuses_a_complete_store_and_refuses_different_parameters(tmp_path
 
 CHILD = """
 import os, signal, sys
-from resemul_core import prepare as prep
-from resemul_core.sources import read_table
+from resemul_core.data import prepare as prep
+from resemul_core.data.sources import read_table
 
 mode = sys.argv[3]
 if mode == "after-slots":  # die with clip 5's slot written but not journaled
@@ -278,7 +278,7 @@ def test_resume_refuses_another_plan_and_a_corrupt_journal(tmp_path):
 
 
 def test_prepare_keeps_a_bounded_window_of_clips_in_flight(tmp_path, monkeypatch):
-    from resemul_core import prepare as prep
+    from resemul_core.data import prepare as prep
 
     table = make_dataset(tmp_path / "data")
     prepare(table, tmp_path / "reference", workers=1)

@@ -12,18 +12,19 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from resemul_core import cli, sources, synth, synth_release
-from resemul_core.prepare import prepare_store
-from resemul_core.sources import MTAT_KNOWN_BROKEN, read_mtat
-from resemul_core.synth import (
+from resemul_core.data import sources, synth, synth_release
+from resemul_core.data.prepare import prepare_store
+from resemul_core.data.sources import MTAT_KNOWN_BROKEN, read_mtat
+from resemul_core.data.synth import (
     DEFAULT_NUM_CLIPS,
     PARAMS_FILE,
     SYNTH_TAGS,
     ensure_dataset,
     generate_dataset,
 )
-from resemul_core.synth_release import ensure_release, generate_release, shift_mp3_gain
-from resemul_core.tags import MTAT_TOP50_TAGS
+from resemul_core.data.synth_release import ensure_release, generate_release, shift_mp3_gain
+from resemul_core.data.tags import MTAT_TOP50_TAGS
+from resemul_core.interfaces import cli
 
 NAME = re.compile(r"^[0-9a-f]/synthetic_artist_\d{3}-synthetic_album-\d{2}-track-0-29\.mp3$")
 SPLIT = {**dict.fromkeys("0123456789ab", "train"), "c": "valid", **dict.fromkeys("def", "test")}

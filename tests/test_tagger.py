@@ -1,4 +1,4 @@
-"""Tests of resemul_core.tagger and ``resemul tag`` on generated audio files."""
+"""Tests of resemul_core.interfaces.tagger and ``resemul tag`` on generated audio files."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from resemul_core.checkpoint import save_checkpoint
-from resemul_core.cli import main as cli_main
-from resemul_core.model import build_model
-from resemul_core.tagger import Tagger
+from resemul_core.interfaces.cli import main as cli_main
+from resemul_core.interfaces.tagger import Tagger
+from resemul_core.model.checkpoint import save_checkpoint
+from resemul_core.model.sample_cnn import build_model
 
 LENGTH = 3**5  # samples per segment of a 4-block model
 TAGS = ["one", "two", "three"]

@@ -1,4 +1,4 @@
-"""Tests of resemul_core.train: schedule logic, learning, exact resume, checkpoint safety."""
+"""Tests of resemul_core.training.loop: schedule logic, learning, exact resume, checkpoint safety."""
 
 from __future__ import annotations
 
@@ -17,24 +17,26 @@ import pytest
 import torch
 from conftest import TEST_DETERMINISTIC, TEST_DEVICE, pinned
 
-import resemul_core.train as train_mod
-from resemul_core.checkpoint import CheckpointError, read_checkpoint
-from resemul_core.cli import main as cli_main
-from resemul_core.evaluate import evaluate_checkpoint
-from resemul_core.store import write_store_from_arrays
-from resemul_core.train import (
-    PROFILES,
-    RUNTIME_FIELDS,
+import resemul_core.training.loop as train_mod
+import resemul_core.training.state as state_mod
+from resemul_core import runtime
+from resemul_core.analysis.evaluate import evaluate_checkpoint
+from resemul_core.config import PROFILES, RUNTIME_FIELDS, TrainConfig, model_config
+from resemul_core.data.store import write_store_from_arrays
+from resemul_core.interfaces.cli import main as cli_main
+from resemul_core.model.checkpoint import CheckpointError, read_checkpoint
+from resemul_core.model.sample_cnn import SampleCNN
+from resemul_core.training.loop import train
+from resemul_core.training.schedule import (
     StageState,
-    TrainConfig,
-    TrainingDiverged,
+    build_optimizer,
     decayed_learning_rate,
     epoch_batches,
     stage_learning_rate,
     steps_per_epoch,
-    train,
     update_stage,
 )
+from resemul_core.training.state import TrainingDiverged
 
 TINY = PROFILES["tiny"]
 TINY_CONFIG = pinned(TINY.config)
@@ -185,14 +187,14 @@ def test_stages_restart_from_the_best_weights(store, tmp_path, monkeypatch):
         after_epoch.append({k: v.cpu().clone() for k, v in model.state_dict().items()})
         return next(scripted)
 
-    real_build = train_mod.build_optimizer
+    real_build = state_mod.build_optimizer
 
     def spy_build(model, config, *, stage):
         at_stage_start.append((stage, {k: v.cpu().clone() for k, v in model.state_dict().items()}))
         return real_build(model, config, stage=stage)
 
     monkeypatch.setattr(train_mod, "validation_loss", fake_validation)
-    monkeypatch.setattr(train_mod, "build_optimizer", spy_build)
+    monkeypatch.setattr(state_mod, "build_optimizer", spy_build)
     config = dataclasses.replace(
         TINY_CONFIG, num_stages=3, max_epochs_per_stage=100, max_steps_per_epoch=2
     )
@@ -298,7 +300,7 @@ def test_sigkill_then_resume_gives_identical_weights(store, tmp_path, reference_
     command = [
         sys.executable,
         "-m",
-        "resemul_core.cli",
+        "resemul_core.interfaces.cli",
         "train",
         "--variant",
         "res2-multi",
@@ -496,8 +498,8 @@ def test_precision_changes_the_step_as_stated():
     losses, weights = {}, {}
     for precision in ("fp32", "tf32", "bf16"):
         torch.manual_seed(1)
-        model = train_mod.SampleCNN(train_mod.model_config("basic", num_tags=3, num_blocks=4))
-        optimizer = train_mod.build_optimizer(model, TrainConfig(), stage=0)
+        model = SampleCNN(model_config("basic", num_tags=3, num_blocks=4))
+        optimizer = build_optimizer(model, TrainConfig(), stage=0)
         loss = train_mod.train_step(
             model, optimizer, waveform, labels, lr=0.01, precision=precision
         )
@@ -528,12 +530,12 @@ def test_a_resume_may_not_change_the_precision(store, tmp_path):
 def test_only_the_run_devices_cuda_rng_state_is_restored():
     states = [torch.full((4,), k, dtype=torch.uint8) for k in range(3)]
     cuda = torch.device
-    assert train_mod.saved_cuda_rng_state(states, cuda("cpu")) is None
-    assert train_mod.saved_cuda_rng_state([], cuda("cuda", 0)) is None  # a CPU run, on a GPU
-    assert train_mod.saved_cuda_rng_state(states[2:], cuda("cuda", 1)) is states[2]
+    assert state_mod.saved_cuda_rng_state(states, cuda("cpu")) is None
+    assert state_mod.saved_cuda_rng_state([], cuda("cuda", 0)) is None  # a CPU run, on a GPU
+    assert state_mod.saved_cuda_rng_state(states[2:], cuda("cuda", 1)) is states[2]
     # per-GPU lists of earlier versions: the device's own entry, or the first when it is gone
-    assert train_mod.saved_cuda_rng_state(states, cuda("cuda", 1)) is states[1]
-    assert train_mod.saved_cuda_rng_state(states[:2], cuda("cuda", 5)) is states[0]
+    assert state_mod.saved_cuda_rng_state(states, cuda("cuda", 1)) is states[1]
+    assert state_mod.saved_cuda_rng_state(states[:2], cuda("cuda", 5)) is states[0]
 
 
 def test_a_checkpoint_with_cuda_rng_states_of_other_gpus_resumes(store, tmp_path, reference_run):
@@ -565,7 +567,7 @@ def test_a_checkpoint_with_cuda_rng_states_of_other_gpus_resumes(store, tmp_path
 
 
 def test_too_many_processes_for_the_batch_are_refused_before_starting(store, tmp_path, monkeypatch):
-    from resemul_core.distributed import check_world_size
+    from resemul_core.training.distributed import check_world_size
 
     check_world_size(23, batch_size=23, sync_bn=True)  # one segment each: fine with synced BN
     check_world_size(11, batch_size=23, sync_bn=False)  # two or three each
@@ -585,10 +587,10 @@ def test_too_many_processes_for_the_batch_are_refused_before_starting(store, tmp
 
 def test_deterministic_algorithms_are_scoped():
     assert not torch.are_deterministic_algorithms_enabled()
-    with train_mod.deterministic_algorithms(True):
+    with runtime.deterministic_algorithms(True):
         assert torch.are_deterministic_algorithms_enabled()
     assert not torch.are_deterministic_algorithms_enabled()
-    with train_mod.deterministic_algorithms(False):
+    with runtime.deterministic_algorithms(False):
         assert not torch.are_deterministic_algorithms_enabled()
 
 

@@ -47,10 +47,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .blocks import ResidualBlock
-from .checkpoint import save_checkpoint
-from .model import SampleCNN, model_config
-from .tags import MTAT_TOP50_TAGS
+from resemul_core.config import model_config
+from resemul_core.data.tags import MTAT_TOP50_TAGS
+from resemul_core.model.blocks import ResidualBlock
+from resemul_core.model.checkpoint import save_checkpoint
+from resemul_core.model.sample_cnn import SampleCNN
 
 __all__ = [
     "RELEASED_MODELS",
@@ -65,7 +66,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: The official release's files and the variant each one holds (width 1, alpha 16, 50 tags in
-#: the order of :data:`~resemul_core.tags.MTAT_TOP50_TAGS`). "rese" in the official code is ReSE-2.
+#: the order of :data:`~resemul_core.data.tags.MTAT_TOP50_TAGS`). "rese" in the official code is ReSE-2.
 RELEASED_MODELS: dict[str, str] = {
     "se-multi-auc_0.9111-tfrmodel.hdf5": "se-multi",
     "rese-multi-auc_0.9113-tfrmodel.hdf5": "rese2-multi",
@@ -634,9 +635,9 @@ def import_keras(path: str | os.PathLike, *, variant: str, **model_options: Any)
 
     Args:
         path: a Keras ``model.save`` or ``save_weights`` HDF5 file of the official code.
-        variant: one of :data:`~resemul_core.model.VARIANTS`; ``"se-multi"`` and
+        variant: one of :data:`~resemul_core.config.VARIANTS`; ``"se-multi"`` and
             ``"rese2-multi"`` for the released files (:data:`RELEASED_MODELS`).
-        **model_options: other :class:`~resemul_core.model.ModelConfig` fields (``width``,
+        **model_options: other :class:`~resemul_core.config.ModelConfig` fields (``width``,
             ``alpha``, ``num_blocks``, ``num_tags``, ...); the paper's by default.
             ``bn_eps`` defaults to the file's BatchNormalization epsilon when it has a config.
 

@@ -16,7 +16,7 @@ How a run survives SIGKILL and resumes to a byte-identical store:
    the final length and are never overwritten, so the copy can be redone after a crash; a
    marker file records that it is complete), the ``.npy`` header is rewritten with the final
    shape and the file truncated. Then ``clips.csv``, ``labels.npy`` and, last,
-   ``manifest.json`` (see :mod:`resemul_core.store`).
+   ``manifest.json`` (see :mod:`resemul_core.data.store`).
 
 Everything written depends only on the plan and the audio, never on timing or worker count.
 """
@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .audio import (
+from resemul_core.data.audio import (
     CLIP_DURATION,
     SAMPLE_RATE,
     SEGMENT_LENGTH,
@@ -49,9 +49,16 @@ from .audio import (
     load_audio,
     segment_waveform,
 )
-from .files import write_json, write_text
-from .sources import Source
-from .store import SPLITS, SegmentStore, clip_digest, finish_store, open_store, quantize
+from resemul_core.data.sources import Source
+from resemul_core.data.store import (
+    SPLITS,
+    SegmentStore,
+    clip_digest,
+    finish_store,
+    open_store,
+    quantize,
+)
+from resemul_core.files import write_json, write_text
 
 __all__ = ["DATASETS", "prepare_dataset", "prepare_store", "store_summary"]
 
@@ -282,7 +289,7 @@ def prepare_store(
     """Decode every clip of ``source`` into a segment store at ``out``; resume if unfinished.
 
     Args:
-        source: clips from an adapter (:mod:`resemul_core.sources`).
+        source: clips from an adapter (:mod:`resemul_core.data.sources`).
         out: store directory.
         sample_rate: Hz (22,050 in the paper).
         segment_length: samples per segment (59,049).
@@ -471,14 +478,14 @@ def prepare_dataset(
         dataset: one of :data:`DATASETS`.
         root: the dataset folder (for ``"synth"``: where to write it).
         out: the store directory.
-        split_policy: ``"paper"`` or ``"resemul"`` (MTAT/MSD; see :mod:`resemul_core.sources`).
+        split_policy: ``"paper"`` or ``"resemul"`` (MTAT/MSD; see :mod:`resemul_core.data.sources`).
         synth_clips: clips of the synthetic dataset (default: its ``DEFAULT_NUM_CLIPS``).
         seed: seed of the synthetic dataset.
         workers: decoding processes (default: one per CPU core).
         **options: further options of the dataset's adapter.
     """
-    from .sources import read_source
-    from .synth import DEFAULT_NUM_CLIPS, ensure_dataset
+    from resemul_core.data.sources import read_source
+    from resemul_core.data.synth import DEFAULT_NUM_CLIPS, ensure_dataset
 
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")

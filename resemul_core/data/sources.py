@@ -7,7 +7,7 @@ Public: :func:`read_mtat`, :func:`read_msd`, :func:`read_table`, :func:`read_sou
 An adapter reads only metadata (no audio): which clips, where their audio is, their split and
 their 0/1 tag vector. Clips it leaves out are listed in :attr:`Source.dropped` with a reason,
 and end up in the store manifest. Decoding, the duration check and the store itself are the
-job of :func:`resemul_core.prepare.prepare_store`.
+job of :func:`resemul_core.data.prepare.prepare_store`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .audio import AUDIO_EXTENSIONS
-from .store import SPLITS
-from .tags import MSD_TOP50_TAGS, MTAT_TOP50_TAGS
+from resemul_core.data.audio import AUDIO_EXTENSIONS
+from resemul_core.data.store import SPLITS
+from resemul_core.data.tags import MSD_TOP50_TAGS, MTAT_TOP50_TAGS
 
 __all__ = [
     "MSD_PATH_PATTERNS",
@@ -221,7 +221,7 @@ def read_mtat(
 
     Note:
         When the selected tags are exactly SPEC §1.1's 50, their order is taken from
-        :data:`~resemul_core.tags.MTAT_TOP50_TAGS` (the official code's argsort order), so
+        :data:`~resemul_core.data.tags.MTAT_TOP50_TAGS` (the official code's argsort order), so
         ties in the counts cannot reorder the label columns.
     """
     _check_policy(split_policy)
@@ -320,7 +320,7 @@ def read_msd(
         root: folder with Choi's split files (github keunwoochoi/MSD_split_for_tagging), per
             split ``S`` in train, valid, test: ``S_x_msd_id.txt`` (one MSD track id a line),
             ``S_y.npy`` (``(n, 50)`` 0/1, columns in the order of
-            :data:`~resemul_core.tags.MSD_TOP50_TAGS`) and, optionally, ``S_x_filename.txt``
+            :data:`~resemul_core.data.tags.MSD_TOP50_TAGS`) and, optionally, ``S_x_filename.txt``
             (7digital paths such as ``3/6/36122424.npy``, same line order).
         audio_dir: folder of the audio previews (default ``ROOT/audio``).
         split_policy: 'paper' drops clips with less than 29.1 s of audio at prepare time

@@ -35,9 +35,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .files import atomic_write
-from .model import VARIANTS, ModelConfig, model_config
-from .precision import configure_backends
+from resemul_core.config import VARIANTS, ModelConfig
+from resemul_core.files import atomic_write
+from resemul_core.runtime import configure_backends
 
 __all__ = [
     "PAPER_STD_ACROSS_TAGS",
@@ -203,7 +203,7 @@ class ExcitationSet:
 
 def se_variants() -> list[str]:
     """Names of the registered variants whose blocks carry SE gates (``se*``, ``rese*``)."""
-    return [name for name in VARIANTS if model_config(name).has_se]
+    return [name for name, variant in VARIANTS.items() if variant.se]
 
 
 def require_se(config: ModelConfig) -> None:
@@ -231,7 +231,7 @@ def extract_excitations(
     """Run every segment of a split through an SE model and collect its SE gates.
 
     Args:
-        model: a :class:`~resemul_core.model.SampleCNN` of an SE-bearing variant. It is moved
+        model: a :class:`~resemul_core.model.sample_cnn.SampleCNN` of an SE-bearing variant. It is moved
             to ``device`` and run in eval mode under ``torch.no_grad``; its training flag is
             restored afterwards.
         store: the segment store (``store.open_store``); segments ``(n_seg, L)`` with ``L`` the

@@ -68,7 +68,7 @@ every clip has the same length. Same seed, same arguments: byte-identical CSV an
 (libsndfile's MP3 encoder is deterministic), whatever ``workers`` is.
 
 At MagnaTagATune's full size (25,863 clips) rendering and encoding every clip takes over half
-an hour on two cores; :mod:`resemul_core.synth_release` (``resemul data synth --mtat``) writes
+an hour on two cores; :mod:`resemul_core.data.synth_release` (``resemul data synth --mtat``) writes
 such a release in minutes, as level variants of a bank of clips rendered by this module, with
 MTAT's split counts and quirks.
 """
@@ -93,7 +93,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from .files import atomic_write, write_json, write_text
+from resemul_core.files import atomic_write, write_json, write_text
 
 __all__ = ["DEFAULT_NUM_CLIPS", "SYNTH_TAGS", "PARAMS_FILE", "ensure_dataset", "generate_dataset"]
 

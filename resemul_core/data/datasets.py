@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .store import SegmentStore, dequantize, open_store
+from resemul_core.data.store import SegmentStore, dequantize, open_store
 
 __all__ = ["SegmentDataset", "SegmentBatches", "ClipDataset", "dequantize_tensor"]
 
@@ -66,7 +66,7 @@ class SegmentDataset(Dataset):
 def dequantize_tensor(samples: torch.Tensor) -> torch.Tensor:
     """int16 samples → float32 ``q / 32768``, on the tensor's device.
 
-    Bit-identical to :func:`~resemul_core.store.dequantize`: every int16 is exact in float32
+    Bit-identical to :func:`~resemul_core.data.store.dequantize`: every int16 is exact in float32
     and the scale is a power of two, so the product is exact wherever it is computed.
     """
     return samples.float().mul_(1.0 / 32768.0)

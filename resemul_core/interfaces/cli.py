@@ -51,7 +51,7 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .model import variant_table
+    from resemul_core.model.sample_cnn import variant_table
 
     rows = variant_table(num_tags=args.num_tags, width=args.width, alpha=args.alpha)
     _print_table(rows, ["variant", "block", "multi", "trainable", "total"])
@@ -93,18 +93,18 @@ def add_excitation_commands(sub: argparse._SubParsersAction) -> None:
 def _cmd_excitations(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .checkpoint import load_checkpoint, resolve_checkpoint
-    from .excitations import (
+    from resemul_core.analysis.excitations import (
         extract_excitations,
         require_se,
         save_excitations,
         summarize_excitations,
     )
-    from .files import write_json
-    from .plots import excitation_figures
-    from .store import open_store
+    from resemul_core.analysis.plots import excitation_figures
+    from resemul_core.data.store import open_store
+    from resemul_core.files import write_json
+    from resemul_core.training.run_dir import load_model, resolve_checkpoint
 
-    model, _ = load_checkpoint(args.source)
+    model, _ = load_model(args.source)
     require_se(model.config)  # before the store is read
     store = open_store(args.data)
     result = extract_excitations(
@@ -208,15 +208,15 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
         "--mtat",
         action="store_true",
         help="fast MTAT-sized release: level variants of a bank of rendered clips, MTAT's"
-        " split counts, zero-byte and short clips (resemul_core.synth_release)",
+        " split counts, zero-byte and short clips (resemul_core.data.synth_release)",
     )
     p.add_argument("--bank", type=int, help="--mtat: distinct rendered clips (1024)")
     p.set_defaults(func=_cmd_data_synth)
 
 
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
-    from .prepare import prepare_store, store_summary
-    from .sources import read_source
+    from resemul_core.data.prepare import prepare_store, store_summary
+    from resemul_core.data.sources import read_source
 
     options: dict = {}
     if args.dataset == "table":
@@ -285,16 +285,21 @@ def _print_store_summary(summary: dict) -> None:
 
 
 def _cmd_data_info(args: argparse.Namespace) -> int:
-    from .prepare import store_summary
-    from .store import open_store
+    from resemul_core.data.prepare import store_summary
+    from resemul_core.data.store import open_store
 
     _print_store_summary(store_summary(open_store(args.store)))
     return 0
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from .synth import DEFAULT_NUM_CLIPS, ensure_dataset, generate_dataset
-    from .synth_release import DEFAULT_BANK_SIZE, MTAT_CLIPS, ensure_release, generate_release
+    from resemul_core.data.synth import DEFAULT_NUM_CLIPS, ensure_dataset, generate_dataset
+    from resemul_core.data.synth_release import (
+        DEFAULT_BANK_SIZE,
+        MTAT_CLIPS,
+        ensure_release,
+        generate_release,
+    )
 
     if args.mtat:
         make = generate_release if args.force else ensure_release
@@ -408,7 +413,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
     import os
 
-    from .train import PROFILES, TrainingDiverged, saved_train_config, train
+    from resemul_core.config import PROFILES
+    from resemul_core.training.loop import train
+    from resemul_core.training.state import TrainingDiverged, saved_train_config
 
     overrides = {
         "seed": args.seed,
@@ -471,7 +478,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .evaluate import evaluate_checkpoint, write_metrics
+    from resemul_core.analysis.evaluate import evaluate_checkpoint, write_metrics
 
     result = evaluate_checkpoint(
         args.checkpoint,
@@ -503,8 +510,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_tag(args: argparse.Namespace) -> int:
     import json
 
-    from .audio import AudioDecodeError
-    from .tagger import Tagger
+    from resemul_core.data.audio import AudioDecodeError
+    from resemul_core.interfaces.tagger import Tagger
 
     if args.top_k < 0:
         raise ValueError("--top-k must be >= 0")
@@ -552,7 +559,7 @@ def add_keras_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_import_keras(args: argparse.Namespace) -> int:
-    from .keras_import import convert_keras_checkpoint
+    from resemul_core.model.keras_import import convert_keras_checkpoint
 
     out = convert_keras_checkpoint(
         args.file,
@@ -566,31 +573,12 @@ def _cmd_import_keras(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- book (issue 6) ----------------------------------------------------------------------
-
-
-def add_book_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("book-toc", help="write the book's _toc.yml for the trained variants")
-    p.add_argument("--out", required=True, help="the _toc.yml to write")
-    p.add_argument("--variants", nargs="*", help="variants trained (default: all twelve)")
-    p.set_defaults(func=_cmd_book_toc)
-
-
-def _cmd_book_toc(args: argparse.Namespace) -> int:
-    from .book import write_toc
-    from .model import VARIANTS
-
-    write_toc(args.out, args.variants or list(VARIANTS))
-    return 0
-
-
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_model_commands,
     add_excitation_commands,
     add_data_commands,
     add_train_commands,
     add_keras_commands,
-    add_book_commands,
 ]
 
 

@@ -11,129 +11,21 @@ Shape legend (paper width, 9 blocks): B = batch, T = 59049 input samples.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import nn
 
-from .blocks import KERAS_BN_EPS, KERAS_BN_MOMENTUM, BasicBlock, ResidualBlock, batch_norm
-from .config import DictConfig
+from resemul_core.config import INITS, VARIANTS, ModelConfig, model_config
+from resemul_core.model.blocks import BasicBlock, ResidualBlock, batch_norm
 
 __all__ = [
-    "VARIANTS",
-    "BLOCK_TYPES",
-    "INITS",
-    "ModelConfig",
     "SampleCNN",
     "build_model",
-    "model_config",
     "count_parameters",
     "variant_table",
     "architecture_summary",
 ]
-
-BLOCK_TYPES = ("basic", "se", "res1", "res2", "rese1", "rese2")
-INITS = ("keras", "he")
-
-# block type -> (residual convs n or 0 for the plain conv block, uses SE)
-_BLOCK_SPECS: dict[str, tuple[int, bool]] = {
-    "basic": (0, False),
-    "se": (0, True),
-    "res1": (1, False),
-    "res2": (2, False),
-    "rese1": (1, True),
-    "rese2": (2, True),
-}
-
-#: The twelve variants of the paper: every block type with and without multi-level
-#: feature aggregation. Values are the :class:`ModelConfig` fields that define the variant.
-VARIANTS: dict[str, dict[str, Any]] = {
-    f"{block}{'-multi' if multi else ''}": {"block": block, "multi": multi}
-    for block in BLOCK_TYPES
-    for multi in (False, True)
-}
-
-
-@dataclass(frozen=True)
-class ModelConfig(DictConfig):
-    """Everything needed to rebuild a model; stored in every checkpoint.
-
-    Defaults are the paper's (SPEC §2); only ``block`` and ``multi`` differ between the
-    twelve variants.
-    """
-
-    block: str = "basic"  # one of BLOCK_TYPES (SPEC §2.2)
-    multi: bool = False  # head on the max-pooled last three blocks (SPEC §2.1)
-    num_tags: int = 50  # outputs; 50 for MTAT/MSD top-50 (SPEC §1)
-    width: float = 1.0  # multiplier on every channel count; 1.0 = paper
-    alpha: float = 16.0  # SE expansion ratio, hidden = alpha * C (SPEC §2.2, R:train.py:18)
-    dropout: float = 0.5  # head dropout before the last Dense (SPEC §2.1, R:train.py:25)
-    block_dropout: float = 0.2  # dropout between the two convs of Res-2/ReSE-2 (SPEC §2.2)
-    init: str = "keras"  # "keras" = Keras 2.0.5 incl. its Conv1D fan bug; "he" (SPEC §2.3)
-    bn_eps: float = KERAS_BN_EPS  # Keras BatchNormalization epsilon (SPEC §7.2)
-    bn_momentum: float = KERAS_BN_MOMENTUM  # = 1 - Keras momentum 0.99 (SPEC §7.2)
-    num_blocks: int = 9  # input length is 3 ** (num_blocks + 1): 59049 samples for 9
-
-    def __post_init__(self) -> None:
-        if self.block not in BLOCK_TYPES:
-            raise ValueError(f"unknown block type {self.block!r}; valid: {', '.join(BLOCK_TYPES)}")
-        if self.init not in INITS:
-            raise ValueError(f"unknown init {self.init!r}; valid: {', '.join(INITS)}")
-        if self.num_blocks < 3:
-            raise ValueError(f"num_blocks must be >= 3, got {self.num_blocks}")
-        if self.width <= 0 or self.alpha <= 0 or self.num_tags < 1:
-            raise ValueError("width and alpha must be > 0 and num_tags >= 1")
-        if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.block_dropout < 1.0):
-            raise ValueError("dropout rates must lie in [0, 1)")
-
-    @property
-    def segment_length(self) -> int:
-        """Input samples per segment, 3 ** (num_blocks + 1) (59049 for the paper)."""
-        return 3 ** (self.num_blocks + 1)
-
-    @property
-    def has_se(self) -> bool:
-        return _BLOCK_SPECS[self.block][1]
-
-    @property
-    def variant(self) -> str:
-        """The registry name of this configuration's block type and head."""
-        return f"{self.block}{'-multi' if self.multi else ''}"
-
-    def block_channels(self) -> list[int]:
-        """Output width of each block: 128, 128, 256 x (n-3), 512 at width 1.0.
-
-        The official code doubles before block index 2 and before the last block
-        (``R:model.py:91-96``).
-        """
-        widths = []
-        for i in range(self.num_blocks):
-            base = 128 * (2 if i >= 2 else 1) * (2 if i == self.num_blocks - 1 else 1)
-            widths.append(self.scale(base))
-        return widths
-
-    def scale(self, channels: int) -> int:
-        return max(1, round(channels * self.width))
-
-
-def model_config(name: str, **overrides: Any) -> ModelConfig:
-    """The :class:`ModelConfig` of a registered variant, with optional field overrides.
-
-    Raises:
-        ValueError: for an unknown variant name (the message lists the valid names) or an
-            unknown override.
-    """
-    if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; valid variants: {', '.join(VARIANTS)}")
-    known = {f.name for f in fields(ModelConfig)} - set(VARIANTS[name])
-    bad = set(overrides) - known
-    if bad:
-        raise ValueError(
-            f"unknown option(s) {', '.join(sorted(bad))} for build_model; "
-            f"valid: {', '.join(sorted(known))}"
-        )
-    return ModelConfig(**VARIANTS[name], **overrides)
 
 
 def build_model(name: str, *, num_tags: int = 50, **options: Any) -> SampleCNN:
@@ -169,8 +61,8 @@ class SampleCNN(nn.Module):
             batch_norm(stem_width, eps=config.bn_eps, momentum=config.bn_momentum),
             nn.ReLU(),
         )
-        num_convs, uses_se = _BLOCK_SPECS[config.block]
-        se_alpha = config.alpha if uses_se else None
+        num_convs = config.num_convs
+        se_alpha = config.alpha if config.has_se else None
         blocks: list[nn.Module] = []
         c_in = stem_width
         for c_out in widths:

@@ -3,11 +3,11 @@
 Public: :class:`Ranks`, :func:`process_group`, :func:`requested_world_size`,
 :func:`check_world_size`, :func:`shard`, :class:`SyncBatchNorm1d`, :func:`convert_sync_batchnorm`.
 
-:func:`~resemul_core.train.train` runs data-parallel when started by ``torchrun`` (or any
+:func:`~resemul_core.training.loop.train` runs data-parallel when started by ``torchrun`` (or any
 launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
 ``MASTER_PORT``)::
 
-    torchrun --nproc_per_node 8 -m resemul_core.cli train --variant se-multi ...
+    torchrun --nproc_per_node 8 -m resemul_core.interfaces.cli train --variant se-multi ...
 
 Each process joins the group (NCCL on CUDA, gloo on the CPU), drives the GPU ``cuda:LOCAL_RANK``
 and takes its contiguous share of every global batch (:func:`shard`). The global batch stays
@@ -30,6 +30,7 @@ Note:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Iterator
@@ -46,12 +47,21 @@ __all__ = [
     "SyncBatchNorm1d",
     "check_world_size",
     "convert_sync_batchnorm",
+    "data_parallel",
     "process_group",
     "requested_world_size",
     "shard",
 ]
 
 logger = logging.getLogger(__name__)
+
+# DDP's switch for broadcasting rank 0's buffers before every forward: `broadcast_buffers` until
+# torch 2.12, `forward_sync_buffers` from 2.13 on (where the old name warns).
+_DDP_BUFFER_SYNC = (
+    "forward_sync_buffers"
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    else "broadcast_buffers"
+)
 
 
 @dataclass(frozen=True)
@@ -197,7 +207,7 @@ def shard(rows: np.ndarray, *, rank: int, world_size: int) -> np.ndarray:
 
     Args:
         rows: ``(steps, B)`` item indices, one global batch per row
-            (:func:`~resemul_core.train.epoch_batches`).
+            (:func:`~resemul_core.training.schedule.epoch_batches`).
 
     Returns:
         ``(steps, b)`` with ``b = B // world_size``, one more for the first
@@ -306,3 +316,19 @@ def _convert(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         setattr(module, name, _convert(child))
     return module
+
+
+def data_parallel(model: nn.Module, device: torch.device, *, sync_bn: bool) -> nn.Module:
+    """Wrap ``model`` for data-parallel training in the initialised process group.
+
+    With ``sync_bn`` its BatchNorm layers are converted in place (:func:`convert_sync_batchnorm`)
+    and DDP does not broadcast buffers: synced statistics keep them equal on every rank.
+    """
+    if sync_bn:
+        convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
+        **{_DDP_BUFFER_SYNC: not sync_bn},
+    )

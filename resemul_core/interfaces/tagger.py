@@ -3,7 +3,7 @@
 Public: :class:`Tagger`.
 
 New audio goes through exactly the path the training data went through
-(:func:`~resemul_core.audio.load_audio` then :func:`~resemul_core.audio.segment_waveform`),
+(:func:`~resemul_core.data.audio.load_audio` then :func:`~resemul_core.data.audio.segment_waveform`),
 with the sample rate, segment length and segments per clip recorded in the checkpoint, and
 the clip-level prediction is the mean of the segments' sigmoid outputs (SPEC §3, test protocol).
 """
@@ -21,12 +21,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .audio import SAMPLE_RATE, SEGMENTS_PER_CLIP, load_audio, segment_waveform
-from .checkpoint import load_checkpoint
-from .model import SampleCNN
-from .precision import configure_backends
-from .store import SegmentStore
-from .train import select_device
+from resemul_core.data.audio import SAMPLE_RATE, SEGMENTS_PER_CLIP, load_audio, segment_waveform
+from resemul_core.data.store import SegmentStore
+from resemul_core.model.sample_cnn import SampleCNN
+from resemul_core.runtime import configure_backends, select_device
+from resemul_core.training.run_dir import load_model
 
 __all__ = ["Tagger", "tag_store_clips"]
 
@@ -37,7 +36,7 @@ class Tagger:
     """Predict tag probabilities for audio files or waveforms of any length.
 
     Args:
-        model: a trained :class:`~resemul_core.model.SampleCNN`.
+        model: a trained :class:`~resemul_core.model.sample_cnn.SampleCNN`.
         tags: its ``num_tags`` tag names, in output order.
         sample_rate: Hz the model was trained at (audio is resampled to it).
         segments_per_clip: segments taken from the start of the audio, as in preprocessing
@@ -103,10 +102,10 @@ class Tagger:
 
         Note:
             Checkpoints without audio settings (not written by
-            :func:`~resemul_core.train.train`) get the paper's: 22,050 Hz, 10 segments.
+            :func:`~resemul_core.training.loop.train`) get the paper's: 22,050 Hz, 10 segments.
         """
         torch_device = select_device(device)
-        model, payload = load_checkpoint(path, map_location=torch_device)
+        model, payload = load_model(path, map_location=torch_device)
         audio = payload.get("audio") or {}
         tags = payload.get("tags") or [f"tag{i}" for i in range(model.config.num_tags)]
         if segments_per_clip == "checkpoint":

@@ -3,7 +3,7 @@
 Public: :func:`generate_release`, :func:`ensure_release`, :func:`shift_mp3_gain`,
 :data:`MTAT_CLIPS`, :data:`DEFAULT_BANK_SIZE`, :data:`GAIN_STEP_DB`.
 
-:func:`resemul_core.synth.generate_dataset` renders and encodes every clip (about 0.17 s of CPU
+:func:`resemul_core.data.synth.generate_dataset` renders and encodes every clip (about 0.17 s of CPU
 per 29.1-s clip, two thirds of it in the mp3 encoder), so MagnaTagATune's 25,863 clips would
 take over half an hour on two cores. This mode is for rehearsing data preparation at MTAT's
 scale: it renders and encodes a *bank* of ``bank_size`` clips with the same renderer and
@@ -17,24 +17,24 @@ exactly ``2**(-1/4)``, i.e. :data:`GAIN_STEP_DB` = 1.505 dB), so the variant dec
 bank clip times ``2**(-k/4)`` without re-encoding (about 1 ms per clip). Levels thus cover
 -13 to -44.6 dBFS in 22 steps (the synthetic range of -13 to -45 dBFS); ``loud`` (>= -19
 dBFS) and ``quiet`` (<= -37 dBFS) follow the variant's level, every other tag its bank clip's
-content (the rules of :mod:`resemul_core.synth`). Variants of one bank clip stay in one split,
+content (the rules of :mod:`resemul_core.data.synth`). Variants of one bank clip stay in one split,
 so no music is shared between train, valid and test; within a split, ``num_clips /
 bank_size`` clips (about 25 by default) share their music and differ in level only.
 
 MTAT's format and counts. 16 kHz mono mp3 at a constant 32 kbit/s, like MTAT's files (116,784
 bytes per 29.1-s clip; without a gapless-playback header, so decoders return the encoder's
 delay and padding too: 467,136 samples). ``annotations_final.csv`` is MTAT's tab-separated,
-fully quoted table (``clip_id``, the tags of :data:`~resemul_core.synth.SYNTH_TAGS`,
+fully quoted table (``clip_id``, the tags of :data:`~resemul_core.data.synth.SYNTH_TAGS`,
 ``mp3_path``), rows in album order with increasing, gapped clip ids. Files are named like
 MTAT's, ``artist-album-NN-title-START-END.mp3`` (five 29-s clips per track, up to 100 clips
 per album, an album in one folder, albums shuffled over the folders). With ``num_clips =
 25,863`` the release reproduces the counts of the real data under
-:func:`~resemul_core.sources.read_mtat`:
+:func:`~resemul_core.data.sources.read_mtat`:
 
 * rows per split 18,683 / 1,873 / 5,307 (folders 0-b / c / d-f, even within a split), of
   which 15,250 / 1,529 / 4,332 carry tags, the rest none (MTAT's 21,111 clips with a top-50
   tag: the same fraction, 81.6 %, in every split);
-* ``quirks``: MTAT's three zero-byte files (:data:`~resemul_core.sources.MTAT_KNOWN_BROKEN`,
+* ``quirks``: MTAT's three zero-byte files (:data:`~resemul_core.data.sources.MTAT_KNOWN_BROKEN`,
   the real names in folders 6, 8 and 9) and three train clips shorter than 29.1 s (0.80, 0.85
   and 0.90 of ``duration``), all tagged; the store then holds 15,244 / 1,529 / 4,332 clips
   under the ``paper`` policy and 15,247 / 1,529 / 4,332 under ``resemul``, as on real MTAT.
@@ -63,9 +63,9 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from . import synth
-from .files import write_json, write_text
-from .sources import _MTAT_EXPECTED, MTAT_KNOWN_BROKEN
+from resemul_core.data import synth
+from resemul_core.data.sources import _MTAT_EXPECTED, MTAT_KNOWN_BROKEN
+from resemul_core.files import write_json, write_text
 
 __all__ = [
     "DEFAULT_BANK_SIZE",
@@ -366,7 +366,7 @@ def generate_release(
     Returns:
         A summary: ``path``, ``clips``, ``bank``, ``splits`` (rows per split), ``tags``
         (positives per tag), ``expected`` (``{policy: {"source" | "store": [train, valid,
-        test]}}``: clips after :func:`~resemul_core.sources.read_mtat` and in the prepared
+        test]}}``: clips after :func:`~resemul_core.data.sources.read_mtat` and in the prepared
         store), ``mp3_bytes`` (apparent size of all mp3s) and ``seconds`` (wall time).
     """
     if num_clips < (64 if quirks else 16):

@@ -19,23 +19,17 @@ from typing import Any
 
 import torch
 
-from .files import atomic_write
-from .model import ModelConfig, SampleCNN
+from resemul_core.config import ModelConfig
+from resemul_core.files import atomic_write
+from resemul_core.model.sample_cnn import SampleCNN
 
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
     "read_checkpoint",
     "load_checkpoint",
-    "resolve_checkpoint",
-    "BEST_CHECKPOINT",
-    "LAST_CHECKPOINT",
 ]
 
-#: In a run directory: the model to use (best validation loss of the latest stage) ...
-BEST_CHECKPOINT = "best.pt"
-#: ... and the full training state to resume from (written every checkpoint interval).
-LAST_CHECKPOINT = "last.pt"
 
 CHECKPOINT_FORMAT = "resemul-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -70,19 +64,6 @@ def save_checkpoint(
     path = Path(path)
     with atomic_write(path) as handle:
         torch.save(payload, handle)
-    return path
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file given either itself or a run directory (then ``RUN_DIR/best.pt``)."""
-    path = Path(path)
-    if path.is_dir():
-        best = path / BEST_CHECKPOINT
-        if not best.is_file():
-            raise FileNotFoundError(f"run directory {path} has no {BEST_CHECKPOINT} checkpoint yet")
-        return best
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint or run directory {path} does not exist")
     return path
 
 
@@ -121,7 +102,7 @@ def load_checkpoint(
         ``(model, payload)``: the model in eval mode with its weights, and the full payload
         (config, tags and any training state).
     """
-    path = resolve_checkpoint(path)
+    path = Path(path)
     payload = read_checkpoint(path, map_location=map_location)
     try:
         config = ModelConfig.from_dict(payload["model_config"])

@@ -1,15 +1,24 @@
-"""Run directories: choosing a profile, training idempotently, and reading what a run left.
+"""The run directory: its layout, and reading what a run left in it.
 
-Public: :func:`get_profile`, :func:`ensure_trained`, :func:`read_log`, :func:`run_summary`,
-:func:`find_runs`, :func:`training_times`.
+Public: :data:`BEST_CHECKPOINT`, :data:`LAST_CHECKPOINT`, :data:`RUN_LOG`, :data:`RUN_CONFIG`,
+:func:`resolve_checkpoint`, :func:`write_log_row`, :func:`read_log`, :func:`run_summary`,
+:func:`find_runs`, :func:`training_times`, :func:`time_ratio`.
 
-These are what the book's notebooks and ``make book`` call: rerunning them continues an
-interrupted run and skips a finished one, so a rebuilt book never retrains for nothing.
+A run directory holds::
+
+    config.json   what the run was started with (for people; the checkpoints are authoritative)
+    last.pt       the full training state, written every ``checkpoint_every`` steps and after
+                  every epoch; training resumes from it
+    best.pt       the model with the lowest validation loss of the current stage
+    log.csv       one row per epoch: losses, learning rate, stage, time, throughput
+    metrics.json  clip-level scores of ``best.pt`` on the test split (``metrics_<split>.json``
+                  for the others), written by the evaluation
 """
 
 from __future__ import annotations
 
-import dataclasses
+import csv
+import io
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -17,15 +26,22 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
-from .checkpoint import LAST_CHECKPOINT, read_checkpoint
-from .model import VARIANTS
-from .store import SegmentStore
-from .train import PROFILES, RUN_LOG, Profile, TrainResult, train
+from resemul_core.config import VARIANTS, ModelConfig, check_variants
+from resemul_core.files import atomic_write
+from resemul_core.model.checkpoint import load_checkpoint, read_checkpoint
+from resemul_core.model.sample_cnn import SampleCNN
 
 __all__ = [
-    "get_profile",
-    "ensure_trained",
+    "BEST_CHECKPOINT",
+    "LAST_CHECKPOINT",
+    "RUN_CONFIG",
+    "RUN_LOG",
+    "metrics_filename",
+    "load_model",
+    "resolve_checkpoint",
+    "write_log_row",
     "read_log",
     "run_summary",
     "find_runs",
@@ -35,55 +51,57 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: In a run directory: the model to use (best validation loss of the latest stage) ...
+BEST_CHECKPOINT = "best.pt"
+#: ... and the full training state to resume from (written every checkpoint interval).
+LAST_CHECKPOINT = "last.pt"
 
-def get_profile(name: str) -> Profile:
-    """The training profile called ``name``; a ``ValueError`` lists the valid names."""
-    if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}; valid profiles: {', '.join(PROFILES)}")
-    return PROFILES[name]
+#: Per-epoch metrics of a run, ``RUN_DIR/log.csv``.
+RUN_LOG = "log.csv"
+#: What the run was started with, for people.
+RUN_CONFIG = "config.json"
+LOG_COLUMNS = (
+    "epoch",
+    "stage",
+    "lr",
+    "train_loss",
+    "val_loss",
+    "best_val_loss",
+    "improved",
+    "steps",
+    "global_step",
+    "train_seconds",
+    "val_seconds",
+    "segments_per_s",
+)
 
 
-def ensure_trained(
-    store: SegmentStore | str | os.PathLike,
-    run_dir: str | os.PathLike,
-    *,
-    variant: str,
-    profile: str = "demo",
-    seed: int = 0,
-    device: str = "auto",
-    progress: bool = True,
-    **overrides: Any,
-) -> TrainResult:
-    """Train ``variant`` with a profile into ``run_dir``, or continue/skip an existing run.
+def write_log_row(path: Path, row: Mapping[str, Any]) -> None:
+    """Add an epoch's row to the CSV log, atomically; a re-run epoch replaces its old row."""
+    rows: list[dict[str, str]] = []
+    if path.is_file():
+        with path.open(newline="") as handle:
+            rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) < row["epoch"]]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    writer.writerow({k: row[k] for k in LOG_COLUMNS})
+    with atomic_write(path, mode="w") as handle:
+        handle.write(buffer.getvalue())
 
-    A run directory with a resume checkpoint is resumed (a finished run returns at once);
-    otherwise a fresh run starts. The profile, seed and overrides must match a resumed run.
 
-    Args:
-        store: the segment store (or its directory).
-        run_dir: the run directory.
-        variant: a key of :data:`~resemul_core.model.VARIANTS`.
-        profile: a key of :data:`~resemul_core.train.PROFILES`.
-        seed: seeds weights, data order and dropout.
-        device: "auto", "cpu", "cuda", ...
-        **overrides: further :class:`~resemul_core.train.TrainConfig` fields.
-    """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
-    chosen = get_profile(profile)
-    config = dataclasses.replace(chosen.config, seed=seed, device=device, **overrides)
-    resume = (Path(run_dir) / LAST_CHECKPOINT).is_file()
-    if resume:
-        logger.info("%s holds a run of %s; resuming it", run_dir, variant)
-    return train(
-        store,
-        run_dir,
-        variant=variant,
-        config=config,
-        model_options=chosen.model,
-        resume=resume,
-        progress=progress,
-    )
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file given either itself or a run directory (then ``RUN_DIR/best.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        best = path / BEST_CHECKPOINT
+        if not best.is_file():
+            raise FileNotFoundError(f"run directory {path} has no {BEST_CHECKPOINT} checkpoint yet")
+        return best
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint or run directory {path} does not exist")
+    return path
 
 
 def read_log(run_dir: str | os.PathLike) -> pd.DataFrame:
@@ -105,8 +123,7 @@ def run_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
     seconds = float(log["train_seconds"].sum() + log["val_seconds"].sum())
     batch = payload["train_config"]["batch_size"]
     return {
-        "variant": f"{payload['model_config']['block']}"
-        + ("-multi" if payload["model_config"]["multi"] else ""),
+        "variant": ModelConfig.from_dict(payload["model_config"]).variant,
         "epochs": len(log),
         "stages": int(log["stage"].max()) + 1,
         "steps": int(log["steps"].sum()),
@@ -134,13 +151,9 @@ def find_runs(
         FileNotFoundError: a requested variant has no run there.
     """
     runs_dir = Path(runs_dir)
-    if isinstance(variants, str):
-        variants = [v for v in variants.replace(",", " ").split() if v]
     if not variants:
         return {v: runs_dir / v for v in VARIANTS if (runs_dir / v / RUN_LOG).is_file()}
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
+    variants = check_variants(variants)
     missing = [v for v in variants if not (runs_dir / v / RUN_LOG).is_file()]
     if missing:
         raise FileNotFoundError(f"no run for {', '.join(missing)} under {runs_dir}")
@@ -172,9 +185,22 @@ def time_ratio(times: pd.DataFrame, *, numerator: str = "rese2", denominator: st
     ``-multi``) over that of the ``denominator`` block's. The paper reports ReSE-2 / SE = 1.7
     (GPU, full width; here the ratio is of whatever machine and width the runs used).
     """
-    blocks = times["variant"].str.removesuffix("-multi")
+    blocks = times["variant"].map(lambda name: VARIANTS[name].block)
     top = times.loc[blocks == numerator, "ms_per_step"]
     bottom = times.loc[blocks == denominator, "ms_per_step"]
     if top.empty or bottom.empty:
         raise ValueError(f"need runs of both {numerator!r} and {denominator!r} blocks")
     return float(top.mean() / bottom.mean())
+
+
+def metrics_filename(split: str) -> str:
+    """``metrics.json`` for the test split, ``metrics_<split>.json`` for the others."""
+    return "metrics.json" if split == "test" else f"metrics_{split}.json"
+
+
+def load_model(
+    source: str | os.PathLike, *, map_location: str | torch.device = "cpu"
+) -> tuple[SampleCNN, dict]:
+    """The model of a checkpoint file or of a run directory (its ``best.pt``), in eval mode,
+    and the checkpoint's payload (:func:`~resemul_core.model.checkpoint.load_checkpoint`)."""
+    return load_checkpoint(resolve_checkpoint(source), map_location=map_location)

@@ -28,13 +28,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, resolve_checkpoint
-from .datasets import ClipDataset
-from .files import write_json
-from .model import VARIANTS
-from .precision import autocast, configure_backends
-from .store import SegmentStore, open_store
-from .train import select_device
+from resemul_core.config import VARIANTS
+from resemul_core.data.datasets import ClipDataset
+from resemul_core.data.store import SegmentStore, open_store
+from resemul_core.files import write_json
+from resemul_core.model.checkpoint import load_checkpoint
+from resemul_core.runtime import autocast, configure_backends, select_device
+from resemul_core.training.run_dir import metrics_filename, resolve_checkpoint
 
 __all__ = [
     "PAPER_RESULTS",
@@ -43,7 +43,6 @@ __all__ = [
     "evaluate_checkpoint",
     "evaluate_runs",
     "per_tag_frame",
-    "metrics_filename",
     "predict_clips",
     "results_table",
     "tag_metrics",
@@ -207,14 +206,14 @@ def predict_clips(
     """Clip-level probabilities: the mean sigmoid output over each clip's segments.
 
     Args:
-        model: a :class:`~resemul_core.model.SampleCNN` (any module mapping ``(B, L)`` to
+        model: a :class:`~resemul_core.model.sample_cnn.SampleCNN` (any module mapping ``(B, L)`` to
             ``(B, T)`` logits); put in eval mode.
-        store: a :class:`~resemul_core.store.SegmentStore` or its directory.
+        store: a :class:`~resemul_core.data.store.SegmentStore` or its directory.
         split: 'train', 'valid' or 'test'.
         clips_per_batch: clips per forward pass (10 segments each for MTAT).
         device: where to run the model.
         precision: "fp32" (the default: the paper's numbers are float32 ones), "tf32" or
-            "bf16" (:mod:`resemul_core.precision`).
+            "bf16" (:mod:`resemul_core.runtime`).
 
     Returns:
         ``(scores, labels, clip_indices)``: ``(num_clips, T)`` float32 probabilities,
@@ -250,11 +249,6 @@ def predict_clips(
     )
 
 
-def metrics_filename(split: str) -> str:
-    """``metrics.json`` for the test split, ``metrics_<split>.json`` for the others."""
-    return "metrics.json" if split == "test" else f"metrics_{split}.json"
-
-
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     store: SegmentStore | str | os.PathLike,
@@ -269,7 +263,7 @@ def evaluate_checkpoint(
 
     Args:
         checkpoint: a checkpoint file or a run directory (its ``best.pt``).
-        store: a :class:`~resemul_core.store.SegmentStore` or its directory.
+        store: a :class:`~resemul_core.data.store.SegmentStore` or its directory.
         split: which split to score.
         device: "auto", "cpu", "cuda", ...
 
@@ -398,7 +392,7 @@ def evaluate_runs(
     """Evaluate the ``best.pt`` of several run directories and write each one's metrics file.
 
     Args:
-        runs: ``{variant: run_dir}`` (e.g. from :func:`resemul_core.runs.find_runs`).
+        runs: ``{variant: run_dir}`` (e.g. from :func:`resemul_core.training.run_dir.find_runs`).
         store: the segment store.
         split: the split to score.
 

@@ -12,7 +12,7 @@ Layout of a store directory ``STORE/``::
     manifest.json  dataset, parameters, tags, counts, skipped inputs, fingerprint
 
 ``manifest.json`` is written last and atomically: a directory without it is an unfinished
-store (see :mod:`resemul_core.prepare` for the resumable writer) and is refused by
+store (see :mod:`resemul_core.data.prepare` for the resumable writer) and is refused by
 :func:`open_store`.
 
 Samples are stored as int16: ``q = round(clip(x, -1, 1 - 2**-15) * 32768)`` and read back as
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .files import atomic_write, write_json
+from resemul_core.files import atomic_write, write_json
 
 __all__ = [
     "STORE_FORMAT",
@@ -277,7 +277,7 @@ def finish_store(
     source: dict[str, Any] | None = None,
 ) -> SegmentStore:
     """Write ``clips.csv``, ``labels.npy``, then ``manifest.json`` next to ``segments.npy``."""
-    from . import __version__
+    from resemul_core import __version__
 
     csv_bytes = clips_to_csv(clips)
     labels = np.ascontiguousarray(labels, dtype=np.uint8)

@@ -13,12 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SqueezeExcitation", "BasicBlock", "ResidualBlock", "batch_norm"]
+from resemul_core.config import KERAS_BN_EPS, KERAS_BN_MOMENTUM
 
-# Keras 2.0.5 BatchNormalization defaults (SPEC §7.2): momentum 0.99 means a PyTorch
-# momentum of 0.01, and epsilon is 1e-3 rather than PyTorch's 1e-5.
-KERAS_BN_EPS = 1e-3
-KERAS_BN_MOMENTUM = 0.01
+__all__ = ["SqueezeExcitation", "BasicBlock", "ResidualBlock", "batch_norm"]
 
 
 def batch_norm(

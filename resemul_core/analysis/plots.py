@@ -13,7 +13,7 @@ Public:
 
 Figures are built on ``matplotlib.figure.Figure`` rather than ``pyplot`` so that no global
 figure registry grows in long sessions; Jupyter's inline backend still displays a returned
-``Figure``. The numbers come from the pure analyses in :mod:`resemul_core.excitations`.
+``Figure``. The numbers come from the pure analyses in :mod:`resemul_core.analysis.excitations`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .excitations import (
+from resemul_core.analysis.excitations import (
     DEFAULT_FLOOR_DB,
     PAPER_STD_ACROSS_TAGS,
     ExcitationSet,
@@ -37,7 +37,8 @@ from .excitations import (
     slope_counts,
     std_per_level,
 )
-from .files import atomic_write
+from resemul_core.config import VARIANTS
+from resemul_core.files import atomic_write
 
 __all__ = [
     "save_figure",
@@ -225,8 +226,8 @@ def plot_std_across_tags(
     """The "standard deviations across tags" per block level, with the paper's values.
 
     Args:
-        table: :func:`~resemul_core.excitations.std_per_level` output (``level``, ``std``).
-        paper: overlay :data:`~resemul_core.excitations.PAPER_STD_ACROSS_TAGS` (read off the
+        table: :func:`~resemul_core.analysis.excitations.std_per_level` output (``level``, ``std``).
+        paper: overlay :data:`~resemul_core.analysis.excitations.PAPER_STD_ACROSS_TAGS` (read off the
             paper's plot of the 9-block SE-multi model on MTAT).
         path: also save the figure there as PNG.
 
@@ -446,7 +447,7 @@ def plot_training_curves(log: pd.DataFrame, *, path: str | os.PathLike | None = 
     """Training and validation loss per epoch, with the learning-rate stages.
 
     Args:
-        log: a run's per-epoch log (:func:`resemul_core.runs.read_log`): columns ``epoch``,
+        log: a run's per-epoch log (:func:`resemul_core.training.run_dir.read_log`): columns ``epoch``,
             ``stage``, ``lr``, ``train_loss``, ``val_loss``.
     """
     figure, (loss_ax, lr_ax) = _figure(2, width=11, height=3.4)
@@ -468,12 +469,12 @@ def plot_results(table: pd.DataFrame, *, path: str | os.PathLike | None = None) 
     """Our ROC-AUC beside the paper's for every block, with and without multi-level heads.
 
     Args:
-        table: :func:`resemul_core.evaluate.results_table` output (``variant``, ``roc_auc``,
+        table: :func:`resemul_core.analysis.evaluate.results_table` output (``variant``, ``roc_auc``,
             ``paper_roc_auc``).
     """
     rows = []
     for row in table.itertuples():
-        block, multi = row.variant.removesuffix("-multi"), row.variant.endswith("-multi")
+        block, multi = VARIANTS[row.variant].block, VARIANTS[row.variant].multi
         head = "multi" if multi else "no multi"
         rows.append({"block": block, "head": head, "source": "ours", "ROC-AUC": row.roc_auc})
         rows.append({"block": block, "head": head, "source": "paper", "ROC-AUC": row.paper_roc_auc})

@@ -1,0 +1,1 @@
+"""Analysis: clip-level evaluation, the excitation analysis, figures."""

@@ -1,0 +1,1 @@
+"""Data: decoding audio, reading datasets and their splits, and the segment store."""

@@ -1,0 +1,537 @@
+"""The state of a run in progress: progress counters, RNG states, checkpoints, resuming.
+
+Public: :class:`TrainResult`, :class:`TrainingDiverged`, :func:`saved_train_config`,
+:func:`saved_cuda_rng_state`, :func:`set_rng_state`.
+
+Resuming is exact: the data order of an epoch is a function of ``(seed, epoch)``, the step
+within the epoch is saved, and so are the optimizer and all RNG states; a resumed CPU run ends
+with bit-identical weights to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from resemul_core.config import (
+    PROFILES,
+    RUNTIME_FIELDS,
+    ModelConfig,
+    TrainConfig,
+    model_config,
+    num_blocks_for,
+)
+from resemul_core.data.store import SegmentStore
+from resemul_core.files import write_json
+from resemul_core.model.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from resemul_core.model.sample_cnn import SampleCNN
+from resemul_core.runtime import select_device
+from resemul_core.training.distributed import Ranks
+from resemul_core.training.run_dir import (
+    BEST_CHECKPOINT,
+    LAST_CHECKPOINT,
+    RUN_CONFIG,
+    RUN_LOG,
+    write_log_row,
+)
+from resemul_core.training.schedule import (
+    StageState,
+    build_optimizer,
+    stage_learning_rate,
+    update_stage,
+)
+
+__all__ = [
+    "TrainResult",
+    "TrainingDiverged",
+    "saved_cuda_rng_state",
+    "saved_train_config",
+    "set_rng_state",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+@dataclass
+class _Progress:
+    """Everything besides weights, optimizer and RNGs that says where a run stands."""
+
+    stage: StageState = field(default_factory=StageState)
+    epoch: int = 0  # global epoch index, continues across stages
+    step: int = 0  # optimizer steps completed in this epoch
+    stage_step: int = 0  # steps taken by this stage's optimizer (Keras decay counter t)
+    global_step: int = 0
+    loss_sum: float = 0.0  # sum of this epoch's batch losses so far
+    train_seconds: float = 0.0  # training time spent in this epoch so far
+    done: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> _Progress:
+        values = dict(data)
+        values["stage"] = StageState(**values["stage"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        run_dir: the run directory.
+        best_checkpoint: ``RUN_DIR/best.pt``.
+        best_val_loss: lowest validation loss of the current (final, when finished) stage.
+        epochs: epochs completed in total.
+        global_step: optimizer steps taken in total.
+        finished: False when stopped early by ``max_steps``; resume to continue.
+    """
+
+    run_dir: Path
+    best_checkpoint: Path
+    best_val_loss: float
+    epochs: int
+    global_step: int
+    finished: bool
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """Every random generator a run draws from: torch's CPU one, the run device's CUDA one
+    (only that one: the other visible GPUs are not the run's, and may be absent on resume),
+    numpy's and Python's."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
+        # numpy and python states as plain lists so that weights_only loading accepts them
+        "numpy": [
+            str(np_state[0]),
+            np_state[1].tolist(),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    """Restore :func:`_rng_state`'s generators; the CUDA one only on a CUDA device."""
+    torch.set_rng_state(state["torch"])
+    cuda = saved_cuda_rng_state(state["cuda"], device)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def saved_cuda_rng_state(
+    saved: Sequence[torch.Tensor], device: torch.device
+) -> torch.Tensor | None:
+    """The saved CUDA generator state to restore on ``device``, or None.
+
+    Args:
+        saved: a checkpoint's ``rng["cuda"]``: empty (saved on the CPU), the run device's one
+            state, or, in checkpoints of earlier versions, one state per GPU visible then.
+        device: the device the resumed run uses; ``cuda`` devices must carry their index.
+
+    Returns:
+        None on the CPU or when nothing was saved (a CPU run resumed on a GPU: the CUDA
+        generator keeps the seed it has). Otherwise the one saved state, or from a per-GPU list the
+        entry of ``device``'s index, or the first when that GPU was not visible then (a
+        change of visible GPUs continues correctly, though with other dropout masks).
+    """
+    if device.type != "cuda" or len(saved) == 0:
+        return None
+    if len(saved) == 1:
+        return saved[0]
+    index = device.index or 0
+    return saved[index] if index < len(saved) else saved[0]
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed (CPU and CUDA) of rank ``rank`` > 0 from ``step`` on: dropout masks
+    independent of rank 0's."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def _audio_info(store: SegmentStore) -> dict[str, Any]:
+    """What the tagger needs to cut new audio exactly as the store was cut."""
+    duration = store.manifest["params"].get("clip_duration")
+    return {
+        "sample_rate": store.sample_rate,
+        "segment_length": store.segment_length,
+        "segments_per_clip": store.segments_per_clip,
+        "duration": float(duration) if isinstance(duration, (int, float)) else None,
+    }
+
+
+def saved_train_config(run_dir: str | os.PathLike) -> TrainConfig:
+    """The :class:`TrainConfig` stored in ``RUN_DIR/last.pt`` (to resume with changed runtime
+    fields)."""
+    path = Path(run_dir) / LAST_CHECKPOINT
+    payload = read_checkpoint(path)
+    try:
+        return TrainConfig.from_dict(payload["train_config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path} holds no usable training config ({err})") from err
+
+
+def _read_resume_state(
+    run_dir: Path,
+    store: SegmentStore,
+    *,
+    variant: str | None,
+    config: TrainConfig | None,
+    model_options: Mapping[str, Any] | None,
+) -> tuple[dict[str, Any], TrainConfig, ModelConfig]:
+    """Read and check ``last.pt`` against the store and the requested settings."""
+    path = run_dir / LAST_CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume: {path} does not exist")
+    payload = read_checkpoint(path)
+    try:
+        if payload.get("kind") != "train-state":
+            raise ValueError("it is not a training-state checkpoint")
+        saved_config = TrainConfig.from_dict(payload["train_config"])
+        saved_model = ModelConfig.from_dict(payload["model_config"])
+        _Progress.from_dict(payload["progress"])
+        payload["optimizer_state"], payload["rng"]  # noqa: B018 - presence check
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"cannot resume from {path}: {err}") from err
+    if payload["store_fingerprint"] != store.fingerprint:
+        raise CheckpointError(
+            f"cannot resume from {path}: it was trained on a store with fingerprint "
+            f"{payload['store_fingerprint'][:12]}, but {store.path} has {store.fingerprint[:12]}"
+        )
+    if variant is not None and variant != saved_model.variant:
+        raise CheckpointError(
+            f"cannot resume from {path}: it trains {saved_model.variant!r}, not {variant!r}"
+        )
+    for key, value in (model_options or {}).items():
+        if getattr(saved_model, key, object()) != value:
+            raise CheckpointError(
+                f"cannot resume from {path}: model option {key}={value!r} differs from the "
+                f"checkpoint's {getattr(saved_model, key, None)!r}"
+            )
+    if config is None:
+        return payload, saved_config, saved_model
+    changed = [
+        f"{f.name} ({getattr(saved_config, f.name)!r} -> {getattr(config, f.name)!r})"
+        for f in fields(TrainConfig)
+        if f.name not in RUNTIME_FIELDS and getattr(saved_config, f.name) != getattr(config, f.name)
+    ]
+    if changed:
+        raise CheckpointError(
+            f"cannot resume from {path}: training config differs in {', '.join(changed)}"
+        )
+    return payload, config, saved_model
+
+
+def _claim_run_dir(run_dir: Path, *, overwrite: bool, ranks: Ranks) -> None:
+    """Refuse to start a fresh run over an existing one unless ``overwrite``.
+
+    Every rank looks (so that all raise together); rank 0 alone clears the directory.
+    """
+    ours = [BEST_CHECKPOINT, LAST_CHECKPOINT, RUN_LOG, RUN_CONFIG]
+    present = [name for name in ours if (run_dir / name).exists()]
+    if present and not overwrite:
+        raise FileExistsError(
+            f"run directory {run_dir} already holds a run ({', '.join(present)}); "
+            "resume it, or overwrite it explicitly"
+        )
+    ranks.barrier()  # nobody looks any more when rank 0 deletes
+    if ranks.is_main:
+        for name in present:
+            (run_dir / name).unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+    ranks.barrier()
+
+
+@dataclass
+class _Run:
+    """A run in progress: its directory, data, model, optimizer and progress.
+
+    Holds the bookkeeping (checkpoints, log, stage changes) so that :func:`train` shows only
+    the loop.
+    """
+
+    dir: Path
+    store: SegmentStore
+    config: TrainConfig
+    model: SampleCNN
+    optimizer: torch.optim.SGD
+    state: _Progress
+    device: torch.device
+    ranks: Ranks = field(default_factory=Ranks)
+    saved_rng: dict[str, Any] | None = None  # to restore right before the first step
+
+    @property
+    def last_path(self) -> Path:
+        return self.dir / LAST_CHECKPOINT
+
+    @property
+    def best_path(self) -> Path:
+        return self.dir / BEST_CHECKPOINT
+
+    def info(self) -> dict[str, Any]:
+        """What every checkpoint of the run carries besides the model."""
+        return {
+            "variant": self.model.config.variant,
+            "train_config": self.config.to_dict(),
+            "store_fingerprint": self.store.fingerprint,
+            "store_path": str(self.store.path),
+            "audio": _audio_info(self.store),
+        }
+
+    def save_last(self) -> None:
+        """Write ``last.pt`` (rank 0) with every rank's RNG states; the others wait."""
+        rng = self.ranks.gather_objects(_rng_state(self.device))
+        if self.ranks.is_main:
+            save_checkpoint(
+                self.last_path,
+                model=self.model,
+                tags=self.store.tags,
+                kind="train-state",
+                **self.info(),
+                progress=self.state.to_dict(),
+                optimizer_state=self.optimizer.state_dict(),
+                rng=rng[0],
+                **({"rank_rng": rng} if self.ranks.distributed else {}),
+            )
+        self.ranks.barrier()
+
+    def record_losses(self, pending: list[torch.Tensor]) -> None:
+        """Add the pending batch losses to the epoch's sum; stop on a NaN/inf, naming its step.
+
+        Under DDP each entry is a rank's share of its global batch's loss; the sum over ranks
+        (one all-reduce for all pending steps) is the global batch mean.
+        """
+        values = self.ranks.all_reduce_sum(torch.stack(pending)).cpu().tolist() if pending else []
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                step = self.state.global_step - len(values) + i + 1
+                raise TrainingDiverged(
+                    f"training loss is {value} at global step {step} (stage "
+                    f"{self.state.stage.stage}, epoch {self.state.epoch}); the last checkpoint "
+                    f"{self.last_path} predates it"
+                )
+            self.state.loss_sum += value
+        pending.clear()
+
+    def end_epoch(self, val_loss: float, *, lr: float, num_steps: int, val_seconds: float) -> None:
+        """Early stopping, best model, log row, stage change; then checkpoint the new epoch."""
+        state = self.state
+        if not math.isfinite(val_loss):
+            raise TrainingDiverged(
+                f"validation loss is {val_loss} after epoch {state.epoch} (global step "
+                f"{state.global_step}); the last checkpoint {self.last_path} predates it"
+            )
+        update = update_stage(
+            state.stage,
+            val_loss,
+            epoch=state.epoch,
+            patience=self.config.patience,
+            max_epochs=self.config.max_epochs_per_stage,
+        )
+        if update.improved and self.ranks.is_main:
+            save_checkpoint(
+                self.best_path,
+                model=self.model,
+                tags=self.store.tags,
+                kind="model",
+                **self.info(),
+                stage=state.stage.stage,
+                epoch=state.epoch,
+                val_loss=val_loss,
+            )
+        train_loss = state.loss_sum / num_steps
+        segments = num_steps * self.config.batch_size
+        self._write_log_row(
+            {
+                "epoch": state.epoch,
+                "stage": state.stage.stage,
+                "lr": f"{lr:.6g}",
+                "train_loss": f"{train_loss:.6f}",
+                "val_loss": f"{val_loss:.6f}",
+                "best_val_loss": f"{update.state.best_loss:.6f}",
+                "improved": int(update.improved),
+                "steps": num_steps,
+                "global_step": state.global_step,
+                "train_seconds": f"{state.train_seconds:.2f}",
+                "val_seconds": f"{val_seconds:.2f}",
+                "segments_per_s": f"{segments / max(state.train_seconds, 1e-9):.1f}",
+            },
+        )
+        self.ranks.barrier()  # best.pt is written before any rank reads it (next_stage)
+        logger.info(
+            "epoch %d (stage %d, lr %.2e): train loss %.4f, val loss %.4f%s",
+            state.epoch,
+            state.stage.stage,
+            lr,
+            train_loss,
+            val_loss,
+            " (best)" if update.improved else "",
+        )
+        state.stage = update.state
+        if update.stage_over and state.stage.stage + 1 >= self.config.num_stages:
+            state.done = True
+        elif update.stage_over:
+            self.next_stage()
+        state.epoch += 1
+        state.step = 0
+        state.loss_sum = 0.0
+        state.train_seconds = 0.0
+        self.save_last()
+
+    def _write_log_row(self, row: Mapping[str, Any]) -> None:
+        if self.ranks.is_main:
+            write_log_row(self.dir / RUN_LOG, row)
+
+    def next_stage(self) -> None:
+        """Restart from this stage's best weights with a fresh optimizer (``R:train.py:59-62``)."""
+        stage, epoch = self.state.stage.stage, self.state.stage.best_epoch
+        payload = read_checkpoint(self.best_path)
+        if (
+            payload.get("stage") != stage
+            or payload.get("epoch") != epoch
+            or payload.get("store_fingerprint") != self.store.fingerprint
+        ):
+            raise CheckpointError(
+                f"{self.best_path} is not this run's best model of stage {stage} (epoch {epoch}); "
+                f"it holds stage {payload.get('stage')}, epoch {payload.get('epoch')}"
+            )
+        self.model.load_state_dict(payload["model_state"])
+        self.state.stage = StageState(stage=stage + 1)
+        self.state.stage_step = 0
+        self.optimizer = build_optimizer(self.model, self.config, stage=stage + 1)
+        logger.info(
+            "stage %d: lr %.2e, from the weights of epoch %d",
+            stage + 1,
+            stage_learning_rate(self.config, stage + 1),
+            epoch,
+        )
+
+    def result(self) -> TrainResult:
+        best = self.state.stage.best_loss
+        if self.state.done:  # the final stage's best, also when resuming a finished run
+            best = float(read_checkpoint(self.best_path).get("val_loss", math.nan))
+        return TrainResult(
+            self.dir,
+            self.best_path,
+            best,
+            self.state.epoch,
+            self.state.global_step,
+            finished=self.state.done,
+        )
+
+
+def _start_run(
+    store: SegmentStore,
+    run_dir: Path,
+    *,
+    variant: str | None,
+    config: TrainConfig | None,
+    model_options: Mapping[str, Any] | None,
+    resume: bool,
+    overwrite: bool,
+    ranks: Ranks,
+) -> _Run:
+    """Set up a fresh run, or rebuild a resumed one from ``last.pt`` (writing nothing)."""
+    if resume:
+        saved, config, mconfig = _read_resume_state(
+            run_dir, store, variant=variant, config=config, model_options=model_options
+        )
+        last = run_dir / LAST_CHECKPOINT
+        model = SampleCNN(mconfig)
+        device = _rank_device(config.device, ranks)
+        try:
+            model.load_state_dict(saved["model_state"])
+            model.to(device)
+            state = _Progress.from_dict(saved["progress"])
+            optimizer = build_optimizer(model, config, stage=state.stage.stage)
+            optimizer.load_state_dict(saved["optimizer_state"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"cannot resume from {last}: {err}") from err
+        if ranks.is_main:
+            for stale in run_dir.glob(".*.pt.*.tmp"):  # left by a write that a kill interrupted
+                stale.unlink(missing_ok=True)
+        rng = saved["rng"]
+        rank_rng = saved.get("rank_rng") or [rng]
+        if len(rank_rng) == ranks.world_size:
+            rng = rank_rng[ranks.rank]  # each rank continues its own dropout stream
+        elif ranks.rank > 0:  # another number of processes: continue, though not bit-exactly
+            torch.manual_seed(_rank_seed(config.seed, ranks.rank, state.global_step))
+            rng = {**_rng_state(device), "numpy": rng["numpy"], "python": rng["python"]}
+        logger.info(
+            "resuming %s at stage %d, epoch %d, step %d",
+            run_dir,
+            state.stage.stage,
+            state.epoch,
+            state.step,
+        )
+        return _Run(run_dir, store, config, model, optimizer, state, device, ranks, rng)
+    if variant is None:
+        raise ValueError("a fresh run needs a variant")
+    config = config or PROFILES["paper"].config
+    mconfig = _model_config(store, variant, model_options)
+    device = _rank_device(config.device, ranks)
+    _claim_run_dir(run_dir, overwrite=overwrite, ranks=ranks)
+    _seed_everything(config.seed)  # the same initial weights on every rank
+    model = SampleCNN(mconfig).to(device)
+    optimizer = build_optimizer(model, config, stage=0)
+    if ranks.rank > 0:  # but each rank its own dropout masks
+        torch.manual_seed(_rank_seed(config.seed, ranks.rank, 0))
+    run = _Run(run_dir, store, config, model, optimizer, _Progress(), device, ranks)
+    if ranks.is_main:
+        write_json(run_dir / RUN_CONFIG, {**run.info(), "model_config": mconfig.to_dict()})
+    return run
+
+
+def _rank_device(name: str, ranks: Ranks) -> torch.device:
+    """The device of this rank: as configured, but ``cuda:LOCAL_RANK`` for CUDA under DDP;
+    a CUDA device always with its index (its RNG state is saved and restored by index)."""
+    device = select_device(name)
+    if device.type != "cuda":
+        return device
+    if ranks.distributed:
+        return torch.device("cuda", ranks.local_rank)
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def _model_config(
+    store: SegmentStore, variant: str, options: Mapping[str, Any] | None
+) -> ModelConfig:
+    options = dict(options or {})
+    expected = num_blocks_for(store.segment_length)
+    blocks = options.setdefault("num_blocks", expected)
+    if blocks != expected:
+        raise ValueError(
+            f"store {store.path} holds segments of {store.segment_length} samples but a model "
+            f"with num_blocks={blocks} takes {3 ** (blocks + 1)}"
+        )
+    options.pop("num_tags", None)
+    return model_config(variant, num_tags=len(store.tags), **options)
