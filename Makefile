@@ -14,9 +14,18 @@ VARIANTS     ?= basic basic-multi se se-multi res1 res1-multi res2 res2-multi re
 DEVICE       ?= auto
 SPLIT_POLICY ?= paper
 EXCITATION_VARIANT ?= se-multi
+# Settings on top of the profile, e.g. `make book WIDTH=0.125 SEED=1`, or any setting with
+# SET="num_stages=3 precision=fp32" (the same keys as `resemul train --set`).
+WIDTH ?=
+SEED  ?=
+SET   ?=
 
+OVERRIDES := $(strip $(if $(WIDTH),width=$(WIDTH)) $(if $(SEED),seed=$(SEED)) $(SET))
+empty :=
+space := $(empty) $(empty)
 STORE := data/$(DATASET)-store
-RUNS  := runs/$(PROFILE)-$(DATASET)
+# runs with other settings go to their own folder: runs/demo-synth-width0.125-seed1
+RUNS  := runs/$(PROFILE)-$(DATASET)$(if $(OVERRIDES),-$(subst =,,$(subst $(space),-,$(OVERRIDES))))
 NB    := book/notebooks
 EXE   := book/executed
 # papermill runs every notebook from book/notebooks, so paths passed to it start with ../..
@@ -56,9 +65,10 @@ book: $(STAMP)
 		-p root "$(ROOT_PARAM)" -p store_dir $(UP)/$(STORE) -p split_policy $(SPLIT_POLICY) \
 		|| { echo "make book: notebook 01_data.ipynb failed (see $(EXE)/01_data.ipynb)"; exit 1; }
 	@for v in $(VARIANTS); do \
-		echo "== training $$v (profile $(PROFILE)) -> $(RUNS)/$$v"; \
+		echo "== training $$v (profile $(PROFILE)$(if $(OVERRIDES), + $(OVERRIDES))) -> $(RUNS)/$$v"; \
 		$(PAPERMILL) $(NB)/02_train.ipynb $(EXE)/train/$$v.ipynb -p variant $$v \
-			-p profile $(PROFILE) -p data $(UP)/$(STORE) -p device $(DEVICE) -p out $(UP)/$(RUNS)/$$v \
+			-p profile $(PROFILE) -p overrides "$(OVERRIDES)" -p data $(UP)/$(STORE) \
+			-p device $(DEVICE) -p out $(UP)/$(RUNS)/$$v \
 		|| { echo "make book: notebook 02_train.ipynb failed for $$v (see $(EXE)/train/$$v.ipynb)"; exit 1; }; \
 	done
 	@echo "== evaluation of $(RUNS)"

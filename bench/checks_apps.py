@@ -6,7 +6,6 @@ PASS, or raises :class:`gpu_common.CheckFailed` (FAIL).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -120,26 +119,30 @@ def inference(ctx: Context) -> tuple[str, dict]:
     """Check 8: ``Tagger`` on a wav and ``extract_excitations`` on the store, on the device
     and on the CPU, from one checkpoint: the same probabilities and gates."""
     from resemul_core.analysis.excitations import extract_excitations
-    from resemul_core.config import PROFILES
     from resemul_core.interfaces.tagger import Tagger
+    from resemul_core.profiles import resolve_config
     from resemul_core.runtime import configure_backends
     from resemul_core.training.loop import train
     from resemul_core.training.run_dir import load_model
 
     store, device = ctx.store("paper"), str(ctx.device)
-    tiny = PROFILES["tiny"]
-    config = dataclasses.replace(
-        tiny.config,
-        device=device,
-        num_stages=1,
-        max_epochs_per_stage=1,
-        max_steps_per_epoch=3,
-        val_segments=23,
-        precision="fp32",
+    config = resolve_config(
+        "se-multi",
+        "tiny",
+        {
+            "width": ctx.sizes.tag_width,
+            "device": device,
+            "num_stages": 1,
+            "max_epochs_per_stage": 1,
+            "max_steps_per_epoch": 3,
+            "val_segments": 23,
+            "precision": "fp32",
+        },
+        num_tags=len(store.tags),
+        segment_length=store.segment_length,
     )
     run = ctx.work / "tagging" / "run"
-    options = {"width": ctx.sizes.tag_width, "bn_momentum": 0.1}
-    train(store, run, variant="se-multi", config=config, model_options=options, progress=False)
+    train(store, run, config, progress=False)
     wav = _write_wav(ctx.work / "tagging" / "clip.wav")
     configure_backends(ctx.device, "fp32")  # TF32 off: compare float32 with float32
     probs = {d: Tagger.from_checkpoint(run, device=d).predict(wav) for d in ("cpu", device)}

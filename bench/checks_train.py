@@ -7,7 +7,6 @@ PASS, or raises :class:`gpu_check.CheckFailed` (FAIL) or :class:`gpu_check.Check
 from __future__ import annotations
 
 import csv
-import dataclasses
 import importlib
 import math
 import re
@@ -71,19 +70,27 @@ def test_suite(ctx: Context) -> tuple[str, dict]:
 
 def resume_across_devices(ctx: Context) -> tuple[str, dict]:
     """Check 2: device -> CPU -> device resumes of one run; a last.pt with 3 CUDA RNG states."""
-    from resemul_core.config import PROFILES
     from resemul_core.model.checkpoint import read_checkpoint
+    from resemul_core.profiles import apply_overrides, resolve_config
 
     train_mod = _train_module()
-    tiny = PROFILES["tiny"]
-    base = dataclasses.replace(
-        tiny.config, num_stages=2, max_epochs_per_stage=2, max_steps_per_epoch=4, seed=1
-    )
-    base = dataclasses.replace(base, checkpoint_every=3)
-    on_device = dataclasses.replace(base, device=str(ctx.device), deterministic=ctx.cuda)
-    on_cpu = dataclasses.replace(base, device="cpu", deterministic=False)
     store, root = ctx.store("tiny"), ctx.work / "resume"
-    fresh = {"variant": "res2-multi", "model_options": tiny.model, "progress": False}
+    base = resolve_config(
+        "res2-multi",
+        "tiny",
+        {
+            "num_stages": 2,
+            "max_epochs_per_stage": 2,
+            "max_steps_per_epoch": 4,
+            "seed": 1,
+            "checkpoint_every": 3,
+        },
+        num_tags=len(store.tags),
+        segment_length=store.segment_length,
+    )
+    on_device = apply_overrides(base, {"device": str(ctx.device), "deterministic": ctx.cuda})
+    on_cpu = apply_overrides(base, {"device": "cpu", "deterministic": False})
+    fresh = {"progress": False}
 
     def cuda_states(run: Path) -> int:
         return len(read_checkpoint(run / "last.pt")["rng"]["cuda"])
@@ -232,19 +239,27 @@ def precision(ctx: Context) -> tuple[str, dict]:
 
 def compiled_run(ctx: Context) -> tuple[str, dict]:
     """Check 5: train(compile=True) over epoch and stage boundaries; graphs and keys."""
-    from resemul_core.config import PROFILES
+    from resemul_core.config import KERAS_BN_MOMENTUM
     from resemul_core.model.checkpoint import read_checkpoint
+    from resemul_core.profiles import resolve_config
 
     train_mod = _train_module()
-    tiny = PROFILES["tiny"]
-    config = dataclasses.replace(
-        tiny.config,
-        device=str(ctx.device),
-        compile=True,
-        num_stages=2,
-        max_epochs_per_stage=2,
-        max_steps_per_epoch=3,
-        checkpoint_every=2,
+    store = ctx.store("tiny")
+    config = resolve_config(
+        "se-multi",
+        "tiny",
+        {
+            "device": str(ctx.device),
+            "compile": True,
+            "num_stages": 2,
+            "max_epochs_per_stage": 2,
+            "max_steps_per_epoch": 3,
+            "checkpoint_every": 2,
+            # the model check 6 compiles on a CPU: tiny's width, the paper's BN momentum
+            "bn_momentum": KERAS_BN_MOMENTUM,
+        },
+        num_tags=len(store.tags),
+        segment_length=store.segment_length,
     )
     strict_compile()  # a fresh dynamo that fails rather than fall back to eager
     trace: list[dict[str, int]] = []
@@ -258,14 +273,7 @@ def compiled_run(ctx: Context) -> tuple[str, dict]:
     run = ctx.work / "compiled"
     train_mod.train_step = counted_step  # train() looks the step up in its module each call
     try:
-        result = train_mod.train(
-            ctx.store("tiny"),
-            run,
-            variant="se-multi",
-            config=config,
-            model_options={"width": tiny.model["width"]},  # the graph check 6 compiles on a CPU
-            progress=False,
-        )
+        result = train_mod.train(store, run, config, progress=False)
     finally:
         train_mod.train_step = real_step
     log = _read_log(run)
@@ -316,9 +324,9 @@ def ddp(ctx: Context) -> tuple[str, dict]:
         "--variant=se-multi",
         f"--data={store.path}",
         f"--profile={sizes.ddp_profile}",
-        "--stages=1",
-        f"--max-epochs={sizes.ddp_epochs}",
-        f"--steps-per-epoch={sizes.ddp_steps}",
+        "--set=num_stages=1",
+        f"--set=max_epochs_per_stage={sizes.ddp_epochs}",
+        f"--set=max_steps_per_epoch={sizes.ddp_steps}",
         "--precision=fp32",
         f"--device={kind}",
         "--workers=0",
@@ -331,7 +339,7 @@ def ddp(ctx: Context) -> tuple[str, dict]:
     runs = {
         "1 process": [sys.executable, *train_args],
         "2 processes, synced BN": [*torchrun, *train_args],
-        "2 processes, per-rank BN": [*torchrun, *train_args, "--no-sync-bn"],
+        "2 processes, per-rank BN": [*torchrun, *train_args, "--set=sync_bn=false"],
     }
     rows: dict[str, dict[str, Any]] = {}
     for name, command in runs.items():

@@ -1,8 +1,15 @@
-"""Everything a run is configured by: the variants, the model, the recipe, the profiles.
+"""What a run is configured by: the variants, the model, the recipe, the runtime.
 
 Public: :class:`DictConfig`, :data:`BLOCK_TYPES`, :data:`INITS`, :data:`VARIANTS`,
-:class:`ModelConfig`, :func:`model_config`, :class:`TrainConfig`, :data:`RUNTIME_FIELDS`,
-:class:`Profile`, :data:`PROFILES`, :func:`num_blocks_for`.
+:class:`Variant`, :func:`get_variant`, :func:`check_variants`, :class:`ModelConfig`,
+:func:`model_config`, :class:`TrainConfig`, :class:`RuntimeConfig`, :class:`RunConfig`,
+:data:`PRECISIONS`, :func:`check_precision`, :func:`num_blocks_for`.
+
+Three typed dataclasses configure a run, one per concern: :class:`ModelConfig` (the network),
+:class:`TrainConfig` (the recipe) and :class:`RuntimeConfig` (device, workers, speed), held
+together by :class:`RunConfig`. Every field name is unique across the three, so an override
+such as ``width=0.125`` or ``seed=3`` names its owner by itself
+(:func:`resemul_core.profiles.resolve_config`). This module imports nothing heavy: no torch.
 
 Code cites the book's specification page as "specification §N.M".
 """
@@ -20,16 +27,14 @@ __all__ = [
     "KERAS_BN_EPS",
     "KERAS_BN_MOMENTUM",
     "PRECISIONS",
-    "PROFILES",
-    "RUNTIME_FIELDS",
     "VARIANTS",
     "DictConfig",
     "ModelConfig",
-    "Profile",
+    "RunConfig",
+    "RuntimeConfig",
     "TrainConfig",
     "Variant",
     "check_variants",
-    "get_profile",
     "get_variant",
     "check_precision",
     "model_config",
@@ -228,10 +233,10 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig(DictConfig):
-    """Every number of the training recipe; stored in every checkpoint.
+    """Every number of the training recipe; stored in every checkpoint and fixed for a run.
 
-    The defaults are the paper's (``R:train.py``, SPEC §3). The fields in
-    :data:`RUNTIME_FIELDS` only decide where and how fast the run goes and may change on resume.
+    The defaults are the paper's (``R:train.py``, SPEC §3). Where and how fast a run computes
+    is a :class:`RuntimeConfig`, which may change when a run is resumed; these may not.
 
     Note:
         Keras' ``fit(epochs=100, initial_epoch=...)`` with epoch numbers continuing across
@@ -240,11 +245,8 @@ class TrainConfig(DictConfig):
         patience 2 neither cap is reached on MTAT.
 
     Note:
-        Data-parallel runs (``torchrun``) keep ``batch_size`` as the *global* batch. With
-        ``sync_bn`` (the default) BatchNorm normalises over the global batch as the paper's
-        single GPU did, and a run matches a single-process run up to float rounding, except
-        that dropout masks are drawn per rank. Without it every rank normalises its own
-        ``batch_size / world_size`` segments: faster, but a different (noisier) model.
+        ``precision`` is part of the recipe, not of the runtime, because it changes the numbers
+        a run produces (:mod:`resemul_core.runtime`); a resume that would change it is refused.
     """
 
     learning_rate: float = 0.01  # lr of the first stage (SPEC §3, R:train.py:21)
@@ -262,17 +264,10 @@ class TrainConfig(DictConfig):
     val_batch_size: int = 230  # segments per validation forward pass (no effect on the value)
     seed: int = 0  # seeds weights, data order and dropout (not in the paper)
     precision: str = "fp32"  # "fp32" (the paper's), "tf32" or "bf16" (resemul_core.runtime)
-    checkpoint_every: int = 1000  # optimizer steps between resume checkpoints (runtime)
-    device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1" (runtime)
-    compile: bool = False  # torch.compile forward + backward; CUDA graphs on one GPU (runtime)
-    deterministic: bool = False  # deterministic CUDA kernels, no autotuning: slower (runtime)
-    num_workers: int = 0  # DataLoader worker processes; 0 = load in the main process (runtime)
-    data_on_device: bool = False  # hold the training split on the device as int16 (runtime)
-    sync_bn: bool = True  # under DDP, BN statistics over the global batch, not per rank (runtime)
 
     def __post_init__(self) -> None:
         positive = ("learning_rate", "batch_size", "num_stages", "max_epochs_per_stage")
-        for name in positive + ("val_batch_size", "checkpoint_every"):
+        for name in positive + ("val_batch_size",):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
         for name in ("max_steps_per_epoch", "val_segments"):
@@ -283,132 +278,80 @@ class TrainConfig(DictConfig):
             raise ValueError(f"TrainConfig.lr_factor must lie in (0, 1], got {self.lr_factor}")
         if self.patience < 0 or self.lr_decay < 0 or self.weight_decay < 0 or self.momentum < 0:
             raise ValueError("patience, lr_decay, weight_decay and momentum must be >= 0")
-        if self.num_workers < 0:
-            raise ValueError(f"TrainConfig.num_workers must be >= 0, got {self.num_workers}")
         check_precision(self.precision)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        """Rebuild from :meth:`to_dict`; also reads checkpoints written before ``precision``
-        existed (their ``autocast: true`` was bf16, ``false`` fp32)."""
-        data = dict(data)
+        """Rebuild from :meth:`to_dict`. Also reads the training configs of earlier versions:
+        their ``autocast: true`` was bf16 (``false`` fp32), and they held the runtime fields,
+        which are left out here (:meth:`RuntimeConfig.from_dict` reads them)."""
+        data = {k: v for k, v in data.items() if k not in _RUNTIME_NAMES}
         if "autocast" in data and "precision" not in data:
             data["precision"] = "bf16" if data.pop("autocast") else "fp32"
         return super().from_dict(data)
 
 
-#: TrainConfig fields that do not change the result and may differ when a run is resumed.
-RUNTIME_FIELDS = frozenset(
-    {
-        "checkpoint_every",
-        "device",
-        "compile",
-        "deterministic",
-        "num_workers",
-        "data_on_device",
-        "sync_bn",
-    }
-)
+@dataclass(frozen=True)
+class RuntimeConfig(DictConfig):
+    """Where and how fast a run computes; none of it changes the result, so it may change
+    when a run is resumed. Recorded in checkpoints for reference.
+
+    Note:
+        Data-parallel runs (``torchrun``) keep ``TrainConfig.batch_size`` as the *global* batch.
+        With ``sync_bn`` (the default) BatchNorm normalises over the global batch as the
+        paper's single GPU did, and a run matches a single-process run up to float rounding,
+        except that dropout masks are drawn per rank. Without it every rank normalises its own
+        ``batch_size / world_size`` segments: faster, but a different (noisier) model.
+    """
+
+    device: str = "auto"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1"
+    num_workers: int = 0  # DataLoader worker processes; 0 = load in the main process
+    checkpoint_every: int = 1000  # optimizer steps between resume checkpoints
+    compile: bool = False  # torch.compile forward + backward; CUDA graphs on one GPU
+    deterministic: bool = False  # deterministic CUDA kernels, no autotuning: slower
+    data_on_device: bool = False  # hold the training split on the device as int16
+    sync_bn: bool = True  # under DDP, BN statistics over the global batch, not per rank
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every <= 0:
+            raise ValueError(f"checkpoint_every must be > 0, got {self.checkpoint_every}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RuntimeConfig:
+        """Rebuild from :meth:`to_dict`, or from an earlier version's training config (which
+        held these fields among the recipe's): keys of other configs are ignored."""
+        return super().from_dict({k: v for k, v in data.items() if k in _RUNTIME_NAMES})
+
+
+_RUNTIME_NAMES = frozenset(f.name for f in fields(RuntimeConfig))
 
 
 @dataclass(frozen=True)
-class Profile:
-    """A named training budget: a :class:`TrainConfig` and the model options it implies.
+class RunConfig:
+    """Everything one training run is configured by: the model, the recipe and the runtime.
 
-    Smaller profiles change sizes and budgets only (width, stages, epochs, steps per epoch),
-    never the algorithm.
-
-    Note:
-        ``paper`` trains in float32 as the paper did; ``demo`` and ``tiny`` use bf16 autocast
-        (``precision="bf16"``, also on the CPU), which makes the book's CPU runs faster and
-        their numbers slightly different from float32 ones (the measured difference is on the
-        book's training page).
-
-    Note:
-        ``demo`` and ``tiny`` also shorten the horizon of BatchNorm's running averages
-        (``bn_momentum`` 0.1 instead of Keras' 0.01, i.e. ~10 steps instead of ~100). This
-        leaves training itself unchanged (train-mode BN uses batch statistics; the training
-        losses are identical) and only lets the inference-time statistics keep up with
-        weights that move fast over a few hundred steps. With the paper's 0.01, a 540-step
-        ``demo`` run of se-multi on the synthetic data scored test ROC-AUC 0.58; with 0.1, 0.75
-        (MTAT epochs of 6,631 steps make the horizon irrelevant for ``paper``).
+    Built by :func:`resemul_core.profiles.resolve_config` from a variant, a profile and
+    overrides; :func:`~resemul_core.training.loop.train` takes it as it is.
     """
 
-    name: str
-    description: str
-    config: TrainConfig
-    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. width
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
+    @property
+    def variant(self) -> str:
+        return self.model.variant
 
-#: The training profiles: the paper's recipe, the book on a CPU and on a GPU, a smoke run.
-PROFILES: dict[str, Profile] = {
-    "paper": Profile(
-        name="paper",
-        description=(
-            "The paper's recipe at full width in float32: 5 stages, up to 100 epochs each, "
-            "6,631 steps of 23 segments per MTAT epoch."
-        ),
-        config=TrainConfig(num_workers=6),
-        model={"width": 1.0},
-    ),
-    "demo": Profile(
-        name="demo",
-        description=(
-            "Sized for the book on 2 CPU cores (1-3 minutes per variant in bf16): width 1/16, "
-            "2 stages of at most 3 epochs of 120 steps (<= 720 steps of 23 segments), "
-            "validation on <= 230 segments, BN averaging horizon ~10 steps."
-        ),
-        config=TrainConfig(
-            num_stages=2,
-            max_epochs_per_stage=3,
-            max_steps_per_epoch=120,
-            val_segments=230,
-            precision="bf16",
-            checkpoint_every=120,
-        ),
-        model={"width": 0.0625, "bn_momentum": 0.1},
-    ),
-    "gpu": Profile(
-        name="gpu",
-        description=(
-            "The book on one GPU: the paper's width in bf16, 2 stages of at most 3 epochs of "
-            "1,000 steps (<= 6,000 steps of 23 segments), validation on <= 2,300 segments, "
-            "the training split held on the GPU."
-        ),
-        config=TrainConfig(
-            num_stages=2,
-            max_epochs_per_stage=3,
-            max_steps_per_epoch=1000,
-            val_segments=2300,
-            precision="bf16",
-            checkpoint_every=1000,
-            data_on_device=True,
-        ),
-        model={"width": 1.0},
-    ),
-    "tiny": Profile(
-        name="tiny",
-        description=(
-            "A smoke test in seconds: width 1/16, bf16, 2 stages of at most 3 epochs of 10 steps."
-        ),
-        config=TrainConfig(
-            num_stages=2,
-            max_epochs_per_stage=3,
-            max_steps_per_epoch=10,
-            val_segments=230,
-            precision="bf16",
-            checkpoint_every=5,
-        ),
-        model={"width": 1 / 16, "bn_momentum": 0.1},
-    ),
-}
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {"model": self.model.to_dict(), "train": self.train.to_dict(),
+                "runtime": self.runtime.to_dict()}  # fmt: skip
 
-
-def get_profile(name: str) -> Profile:
-    """The training profile called ``name``; a ``ValueError`` lists the valid names."""
-    if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}; valid profiles: {', '.join(PROFILES)}")
-    return PROFILES[name]
+    def flat(self) -> dict[str, Any]:
+        """``{"model.width": 0.0625, "train.seed": 0, "runtime.device": "cpu", ...}``: one row
+        per setting, for a table of what ran."""
+        return {f"{part}.{k}": v for part, values in self.to_dict().items() for k, v in values.items()}
 
 
 def num_blocks_for(segment_length: int) -> int:

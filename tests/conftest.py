@@ -7,10 +7,12 @@ compare. ``RESEMUL_TEST_DEVICE=cuda`` moves the training, resume and SIGKILL tes
 
 from __future__ import annotations
 
-import dataclasses
 import os
+from collections.abc import Mapping
+from typing import Any
 
-from resemul_core.config import TrainConfig
+from resemul_core.config import RunConfig
+from resemul_core.profiles import apply_overrides, resolve_config
 
 #: Where the training tests train: "cpu" unless RESEMUL_TEST_DEVICE says otherwise.
 TEST_DEVICE = os.environ.get("RESEMUL_TEST_DEVICE", "cpu")
@@ -20,6 +22,23 @@ if TEST_DETERMINISTIC:  # before any test makes a cuBLAS handle (train() sets it
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def pinned(config: TrainConfig) -> TrainConfig:
+def pinned(config: RunConfig) -> RunConfig:
     """``config`` on the test device (profiles say "auto", which would pick a present GPU)."""
-    return dataclasses.replace(config, device=TEST_DEVICE, deterministic=TEST_DETERMINISTIC)
+    return apply_overrides(config, {"device": TEST_DEVICE, "deterministic": TEST_DETERMINISTIC})
+
+
+def pinned_config(
+    variant: str,
+    profile: str = "tiny",
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    num_tags: int,
+    segment_length: int,
+) -> RunConfig:
+    """:func:`~resemul_core.profiles.resolve_config` for a store's tags and segment length,
+    :func:`pinned` to the test device."""
+    return pinned(
+        resolve_config(
+            variant, profile, overrides, num_tags=num_tags, segment_length=segment_length
+        )
+    )

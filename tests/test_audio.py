@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from resemul_core.data.audio import AudioDecodeError, load_audio, segment_waveform
+from resemul_core.data.audio import (
+    LOUDNESS_FLOOR_DB,
+    AudioDecodeError,
+    dbfs,
+    load_audio,
+    rms,
+    segment_waveform,
+)
 
 
 def sine(seconds: float, rate: int, *, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:
@@ -113,3 +120,19 @@ def test_segment_waveform_cuts_from_the_start_and_drops_the_tail():
     assert x[0] == 0  # a copy, not a view
     with pytest.raises(ValueError, match=r"1-D waveform.*\(2, 3\)"):
         segment_waveform(np.zeros((2, 3)), segment_length=3)
+
+
+def test_rms_and_dbfs_values_axes_and_floor():
+    square = np.array([1.0, -1.0, 1.0, -1.0])
+    x = np.stack([0.5 * square, np.zeros(4), 0.1 * square]).astype(np.float32)
+    np.testing.assert_allclose(rms(x), [0.5, 0.0, 0.1], rtol=1e-7)  # per row (axis=-1)
+    assert rms(x).dtype == np.float64 and rms(x, axis=0).shape == (4,)
+    assert rms(x, axis=None) == pytest.approx(np.sqrt((0.25 + 0.01) / 3))  # a whole clip
+    assert rms(np.array([3, -3], dtype=np.int16)) == 3.0  # any dtype, computed in float64
+    db = dbfs(np.array([1.0, 0.1, 0.0, 1e-9]))
+    np.testing.assert_allclose(db[:2], [0.0, -20.0], atol=1e-12)
+    assert LOUDNESS_FLOOR_DB == -80.0 and list(db[2:]) == [LOUDNESS_FLOOR_DB] * 2  # exact, no -inf
+    assert dbfs(0.0, floor_db=-100.0) == -100.0 and dbfs(1e-4, floor_db=-60.0) == -60.0
+    assert float(dbfs(0.5)) == 20 * np.log10(0.5)
+    with pytest.raises(ValueError, match=">= 0"):
+        dbfs(np.array([0.1, -0.1]))

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from resemul_core.model.blocks import BasicBlock, ResidualBlock, SqueezeExcitation
+from resemul_core.model.blocks import BasicBlock, Head, ResidualBlock, SqueezeExcitation, Stem
 
 
 def test_se_gate_is_sigmoid_of_expanded_mean():
@@ -46,10 +46,9 @@ def test_rese_gate_comes_before_the_addition():
     torch.manual_seed(0)
     block = ResidualBlock(4, 6, num_convs=1, se_alpha=2).eval()
     x = torch.randn(2, 4, 27)
-    conv, norm = block.main
-    main = norm(conv(x))
+    main = block.bn1(block.conv1(x))
     gate = block.se(main)
-    shortcut = block.shortcut[1](block.shortcut[0](x))
+    shortcut = block.shortcut.bn(block.shortcut.conv(x))
     expected = F.max_pool1d(torch.relu(shortcut + main * gate[..., None]), 3)
     out, returned_gate = block(x)
     torch.testing.assert_close(out, expected)
@@ -59,6 +58,30 @@ def test_rese_gate_comes_before_the_addition():
 def test_identity_shortcut_when_width_is_kept():
     block = ResidualBlock(4, 4, num_convs=2).eval()
     x = torch.randn(1, 4, 9)
-    main = block.main(x)
+    main = block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(x)))))  # eval: no dropout
+    torch.testing.assert_close(block.main_path(x), main)
     torch.testing.assert_close(block(x)[0], F.max_pool1d(torch.relu(x + main), 3))
-    assert block(x)[1] is None
+    assert block(x)[1] is None and block.shortcut is None
+
+
+def test_two_conv_main_path_drops_out_between_the_convs():
+    torch.manual_seed(0)
+    block = ResidualBlock(4, 4, num_convs=2, dropout=0.5).train()
+    x = torch.randn(2, 4, 9)
+    torch.manual_seed(3)
+    got = block.main_path(x)
+    torch.manual_seed(3)
+    hidden = F.dropout(torch.relu(block.bn1(block.conv1(x))), 0.5, training=True)
+    torch.testing.assert_close(got, block.bn2(block.conv2(hidden)), rtol=0, atol=0)
+
+
+def test_stem_and_head_compute_their_documented_layers():
+    torch.manual_seed(0)
+    stem = Stem(5).eval()
+    x = torch.randn(2, 1, 27)
+    torch.testing.assert_close(stem(x), torch.relu(stem.bn(stem.conv(x))))
+    assert stem(x).shape == (2, 5, 9)
+    head = Head(6, 3).eval()
+    f = torch.randn(4, 6)
+    torch.testing.assert_close(head(f), head.fc2(torch.relu(head.bn(head.fc1(f)))))
+    assert head(f).shape == (4, 3)

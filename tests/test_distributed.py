@@ -1,4 +1,4 @@
-"""Tests of data-parallel training (resemul_core.training.distributed) and the device-resident data path.
+"""Tests of data-parallel training (resemul_core.training.distributed) and device-resident data.
 
 Two gloo processes on the CPU train a tiny model (width 1/16, 243-sample segments, 4 blocks)
 exactly as ``torchrun --nproc_per_node 2`` would start them: ``RANK``, ``WORLD_SIZE`` and
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import importlib
 import json
 import os
@@ -24,10 +23,11 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from resemul_core.config import TrainConfig
+from resemul_core.config import RunConfig, RuntimeConfig, TrainConfig, model_config
 from resemul_core.data.store import write_store_from_arrays
 from resemul_core.model.checkpoint import read_checkpoint
 from resemul_core.model.sample_cnn import build_model
+from resemul_core.profiles import apply_overrides
 from resemul_core.training.distributed import SyncBatchNorm1d, convert_sync_batchnorm, shard
 from resemul_core.training.loop import train
 from resemul_core.training.schedule import build_optimizer, epoch_batches
@@ -38,30 +38,33 @@ state_mod = importlib.import_module("resemul_core.training.state")
 LENGTH = 3**5  # segment length of a 4-block model
 # 2 stages of 2 epochs of 3 steps (a stage change reads best.pt); a global batch of 7 splits
 # unevenly, 4 + 3; fp32 so that the comparison with one process is tight
-CONFIG = TrainConfig(
+RECIPE = TrainConfig(
     num_stages=2,
     max_epochs_per_stage=2,
     max_steps_per_epoch=3,
     batch_size=7,
     val_batch_size=5,
-    checkpoint_every=2,
     precision="fp32",
-    device="cpu",
     seed=3,
 )
+RUNTIME = RuntimeConfig(device="cpu", checkpoint_every=2)
 NO_DROPOUT = {"width": 1 / 16, "bn_momentum": 0.1, "dropout": 0.0, "block_dropout": 0.0}
 WITH_DROPOUT = {"width": 1 / 16, "bn_momentum": 0.1}
 VARIANT = "rese2-multi"  # residual shortcuts with BN, SE, dropout in the blocks and the head
+
+
+def run_config(model_options: dict) -> RunConfig:
+    """VARIANT with ``model_options`` on the store of :func:`make_store` (3 tags, 4 blocks)."""
+    model = model_config(VARIANT, num_tags=3, num_blocks=4, **model_options)
+    return RunConfig(model, RECIPE, RUNTIME)
+
+
+MATCH, DROPOUT = run_config(NO_DROPOUT), run_config(WITH_DROPOUT)
 # the DDP runs: name -> train() keyword arguments (the resumed run continues "stopped")
 JOBS: dict[str, dict] = {
-    "match": {"variant": VARIANT, "config": CONFIG, "model_options": NO_DROPOUT},
-    "dropout": {"variant": VARIANT, "config": CONFIG, "model_options": WITH_DROPOUT},
-    "stopped": {
-        "variant": VARIANT,
-        "config": CONFIG,
-        "model_options": WITH_DROPOUT,
-        "max_steps": 4,
-    },
+    "match": {"config": MATCH},
+    "dropout": {"config": DROPOUT},
+    "stopped": {"config": DROPOUT, "max_steps": 4},
     "resumed": {"resume": True},
 }
 LAUNCH_TIMEOUT_S = 180
@@ -206,11 +209,12 @@ def test_ddp_stop_and_resume_is_exact(runs):
 
 def test_data_on_device_gives_identical_results(tmp_path):
     store = make_store(tmp_path / "store")
-    kwargs = {"variant": VARIANT, "model_options": WITH_DROPOUT, "progress": False}
-    train(store, tmp_path / "loader", config=CONFIG, **kwargs)
-    resident = dataclasses.replace(CONFIG, data_on_device=True)
-    train(store, tmp_path / "resident", config=resident, max_steps=4, **kwargs)
-    train(store, tmp_path / "resident", resume=True, progress=False)  # resume on the device too
+    train(store, tmp_path / "loader", DROPOUT, progress=False)
+    resident = apply_overrides(DROPOUT, {"data_on_device": True})
+    train(store, tmp_path / "resident", resident, max_steps=4, progress=False)
+    # resume on the device too: the saved runtime settings are used
+    again = train(store, tmp_path / "resident", resume=True, progress=False)
+    assert again.finished and again.config.runtime.data_on_device
     want = read_checkpoint(tmp_path / "loader" / "last.pt")
     got = read_checkpoint(tmp_path / "resident" / "last.pt")
     for key, value in want["model_state"].items():
@@ -224,7 +228,7 @@ def test_data_on_device_gives_identical_results(tmp_path):
 def test_sync_batchnorm_conversion_keeps_parameters_and_single_process_numerics():
     torch.manual_seed(0)
     model = build_model(VARIANT, num_tags=3, num_blocks=4, **NO_DROPOUT)
-    optimizer = build_optimizer(model, CONFIG, stage=0)
+    optimizer = build_optimizer(model, RECIPE, stage=0)
     reference = build_model(VARIANT, num_tags=3, num_blocks=4, **NO_DROPOUT)
     reference.load_state_dict(model.state_dict())
     keys = list(model.state_dict())

@@ -1,4 +1,5 @@
-"""Tests of resemul_core.analysis.evaluate: metrics against hand-computed values, clip averaging, CLI."""
+"""Tests of resemul_core.analysis.evaluate: metrics against hand-computed values, clip
+averaging, CLI."""
 
 from __future__ import annotations
 

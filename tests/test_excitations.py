@@ -10,12 +10,14 @@ import torch.nn.functional as F
 
 from resemul_core import VARIANTS, build_model
 from resemul_core.analysis.excitations import (
+    DEFAULT_FLOOR_DB,
     PAPER_STD_ACROSS_TAGS,
     ExcitationSet,
     clip_means,
     extract_excitations,
     load_excitations,
     loudness_regression,
+    loudness_summary,
     notable_channels,
     require_se,
     rms_to_db,
@@ -29,6 +31,7 @@ from resemul_core.analysis.excitations import (
     summarize_excitations,
     tag_means,
 )
+from resemul_core.data import audio
 from resemul_core.data.store import write_store_from_arrays
 from resemul_core.interfaces.cli import main
 from resemul_core.model.checkpoint import save_checkpoint
@@ -98,8 +101,7 @@ def _gate(x, se):
 def _gates_by_hand(model, segments: np.ndarray) -> list[np.ndarray]:
     """Every SE gate recomputed from the layers' weights, without calling any module."""
     x = torch.from_numpy(segments)[:, None, :]
-    stem_conv, stem_bn = model.stem[0], model.stem[1]
-    h = torch.relu(_bn(_conv(x, stem_conv), stem_bn))
+    h = torch.relu(_bn(_conv(x, model.stem.conv), model.stem.bn))
     gates = []
     for block in model.blocks:
         if hasattr(block, "conv"):  # SE block: gate on the pooled map (SPEC §2.2)
@@ -107,15 +109,13 @@ def _gates_by_hand(model, segments: np.ndarray) -> list[np.ndarray]:
             g = _gate(out, block.se)
             h = out * g[..., None]
         else:  # ReSE block: gate on the main path after its last BN
-            convs = [m for m in block.main if isinstance(m, torch.nn.Conv1d)]
-            bns = [m for m in block.main if isinstance(m, torch.nn.BatchNorm1d)]
-            main = _bn(_conv(h, convs[0]), bns[0])
-            if len(convs) == 2:  # eval mode: the dropout in between is the identity
-                main = _bn(_conv(torch.relu(main), convs[1]), bns[1])
-            if isinstance(block.shortcut, torch.nn.Identity):
+            main = _bn(_conv(h, block.conv1), block.bn1)
+            if block.conv2 is not None:  # eval mode: the dropout in between is the identity
+                main = _bn(_conv(torch.relu(main), block.conv2), block.bn2)
+            if block.shortcut is None:
                 shortcut = h
             else:
-                shortcut = _bn(_conv(h, block.shortcut[0]), block.shortcut[1])
+                shortcut = _bn(_conv(h, block.shortcut.conv), block.shortcut.bn)
             g = _gate(main, block.se)
             h = _pool3(torch.relu(shortcut + main * g[..., None]))
         gates.append(g.numpy())
@@ -216,6 +216,16 @@ def test_loudness_measures():
     np.testing.assert_allclose(rms_to_db(np.array([1.0, 0.1, 0.0]), floor_db=-60), [0, -20, -60])
     with pytest.raises(ValueError, match="unknown loudness measure 'lufs'"):
         segment_loudness(segments, measure="lufs")
+
+
+def test_loudness_is_the_data_layers_one_definition():
+    segments = np.random.default_rng(5).uniform(-0.3, 0.3, (4, 200)).astype(np.float32)
+    segments[3] = 0.0
+    assert rms_to_db is audio.dbfs and DEFAULT_FLOOR_DB == audio.LOUDNESS_FLOOR_DB
+    np.testing.assert_array_equal(segment_rms(segments), audio.rms(segments))
+    db = segment_loudness(segments, measure="db")
+    np.testing.assert_array_equal(db, audio.dbfs(audio.rms(segments)))
+    assert db[3] == audio.LOUDNESS_FLOOR_DB
 
 
 # --- analyses on constructed data ---------------------------------------------------------
@@ -324,6 +334,19 @@ def test_summary_is_json_and_matches_the_analyses():
     assert summary["paper"]["std_across_tags"]["1"] == 0.055
     db = summarize_excitations(_constructed_set(), loudness="db")["loudness"]
     assert db["measure"] == "db" and db["positive"] + db["negative"] == 6
+    assert (loud["floor_db"], db["floor_db"]) == (None, DEFAULT_FLOOR_DB)
+
+
+def test_summary_loudness_section_is_the_one_fit():
+    excitations = _constructed_set()
+    loud = excitations.loudness("db", floor_db=-70.0)
+    fits = loudness_summary(excitations.segment_level(1), loud, measure="db", floor_db=-70.0)
+    assert summarize_excitations(excitations, loudness="db", floor_db=-70.0)["loudness"] == fits
+    table = loudness_regression(excitations.segment_level(1), loud)
+    assert fits["notable"]["least_error"]["rmse"] == table["rmse"].min()
+    assert (fits["level"], fits["floor_db"], fits["channels"]) == (1, -70.0, 6)
+    with pytest.raises(ValueError, match="unknown loudness measure 'lufs'"):
+        loudness_summary(excitations.segment_level(1), loud, measure="lufs")
 
 
 # --- command line -------------------------------------------------------------------------

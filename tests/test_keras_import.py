@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from resemul_core import build_model
 from resemul_core.data.tags import MTAT_TOP50_TAGS
 from resemul_core.interfaces.cli import main
 from resemul_core.model.checkpoint import load_checkpoint
@@ -26,6 +27,7 @@ from resemul_core.model.keras_import import (
     KerasImportError,
     convert_keras_checkpoint,
     import_keras,
+    keras_layer_table,
     read_keras_file,
 )
 
@@ -307,7 +309,7 @@ def _check_against_keras(model, g, *, seed=0):
     x = np.random.default_rng(seed).uniform(-1, 1, (3, LENGTH)).astype(np.float32)
     ref = keras_forward(g, x)
     last = g.layers[-1].name
-    logits, gates = model(torch.from_numpy(x), return_excitations=True)
+    logits, gates = model.forward_with_gates(torch.from_numpy(x))
     assert ref[f"{last}:linear"].std() > 0.3  # the fixture's outputs are far from constant
     np.testing.assert_allclose(torch.sigmoid(logits).detach().numpy(), ref[last], atol=1e-5)
     np.testing.assert_allclose(logits.detach().numpy(), ref[f"{last}:linear"], atol=1e-4)
@@ -347,6 +349,25 @@ def test_import_reproduces_the_keras_forward_pass(tmp_path, variant, layout, nam
     _check_against_keras(model, g)
 
 
+@pytest.mark.parametrize("variant", ["se-multi", "res1", "rese2-multi"])
+def test_layer_table_names_every_weighted_module_once(variant):
+    model = build_model(variant, **SMALL)
+    table = keras_layer_table(model)
+    weighted = {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Linear, torch.nn.BatchNorm1d))
+    }
+    names = [row[0] for row in table]
+    assert len(names) == len(set(names)) and set(names) == weighted
+    g = build_official(variant, np.random.default_rng(0), **SMALL)
+    keras = [layer.class_name for layer in g.layers if layer.weights]  # construction order
+    assert [row[1] for row in table] == keras
+    if variant == "rese2-multi":
+        assert names[2:6] == ["blocks.0.conv1", "blocks.0.bn1", "blocks.0.conv2", "blocks.0.bn2"]
+        assert names[names.index("blocks.2.shortcut.conv") + 2] == "blocks.2.conv1"
+
+
 def test_fixture_stores_the_shortcut_out_of_construction_order():
     # Keeps the tests above meaningful: the file order is not the construction order.
     g = build_official("rese2-multi", np.random.default_rng(0), **SMALL)
@@ -366,9 +387,9 @@ def test_tensors_are_transposed_from_the_keras_layout(tmp_path):
     g = build_official("se-multi", np.random.default_rng(3), **SMALL)
     model = import_keras(write_keras(tmp_path / "m.hdf5", g), variant="se-multi", **SMALL)
     by_name = {layer.name: layer.weights for layer in g.layers}
-    stem = model.stem[0].weight.detach().numpy()
+    stem = model.stem.conv.weight.detach().numpy()
     np.testing.assert_array_equal(stem, by_name["conv1d_1"]["kernel"].transpose(2, 1, 0))
-    head = model.head[0].weight.detach().numpy()
+    head = model.head.fc1.weight.detach().numpy()
     np.testing.assert_array_equal(head, by_name["dense_11"]["kernel"].T)
     np.testing.assert_array_equal(
         model.blocks[0].bn.running_var.numpy(), by_name["batch_normalization_2"]["moving_variance"]
@@ -433,7 +454,7 @@ def test_config_is_checked_where_shapes_cannot_tell(tmp_path):
     g = build_official("se", np.random.default_rng(7), eps=1e-5, **SMALL)
     path = write_keras(tmp_path / "eps.hdf5", g)
     model = import_keras(path, variant="se", **SMALL)  # the file's epsilon is adopted
-    assert model.config.bn_eps == 1e-5 and model.stem[1].eps == 1e-5
+    assert model.config.bn_eps == 1e-5 and model.stem.bn.eps == 1e-5
     _check_against_keras(model, g)
     with pytest.raises(KerasImportError, match="'batch_normalization_1'.*epsilon 1e-05"):
         import_keras(path, variant="se", bn_eps=1e-3, **SMALL)

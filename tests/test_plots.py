@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
+from resemul_core.analysis import excitations as analysis
 from resemul_core.analysis.excitations import (
     PAPER_STD_ACROSS_TAGS,
     ExcitationSet,
     clip_means,
+    loudness_summary,
     std_per_level,
+    summarize_excitations,
 )
 from resemul_core.analysis.plots import (
     excitation_figures,
@@ -123,7 +126,7 @@ def test_loudness_scatter_five_panels_subsampled_with_full_data_lines(tmp_path):
     assert fig.axes[0].get_xlabel() == "loudness (RMS amplitude)"
 
 
-def test_all_excitation_figures_from_an_excitation_set(tmp_path):
+def _excitation_set() -> ExcitationSet:
     rng = np.random.default_rng(3)
     n_clips, per_clip = 20, 3
     segment_clip = np.repeat(np.arange(n_clips), per_clip)
@@ -143,6 +146,11 @@ def test_all_excitation_figures_from_an_excitation_set(tmp_path):
         labels=labels,
         tags=("classical", "metal", "dance"),
     )
+    return result
+
+
+def test_all_excitation_figures_from_an_excitation_set(tmp_path):
+    result = _excitation_set()
     figures = excitation_figures(result, loudness="db", out_dir=tmp_path / "figs")
     expected_axes = {
         "excitations_at_levels": 3,
@@ -156,3 +164,55 @@ def test_all_excitation_figures_from_an_excitation_set(tmp_path):
     levels_fig = figures["excitations_at_levels"]
     assert [ax.get_title().split()[1] for ax in levels_fig.axes] == ["1", "3", "4"]
     assert figures["loudness_scatter"].axes[0].get_xlabel() == "loudness (dBFS)"
+
+
+def _fits_drawn(figure: Figure) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(ax.get_lines()[0].get_xdata(), ax.get_lines()[0].get_ydata()) for ax in figure.axes]
+
+
+def test_excitation_figures_draw_the_summarys_lines_and_fit_nothing(monkeypatch):
+    result = _excitation_set()
+    summary = summarize_excitations(result, loudness="db", floor_db=-60.0)
+    fits = summary["loudness"]
+
+    def refit(*args, **kwargs):
+        raise AssertionError("a figure fitted again what the analysis had fitted")
+
+    for name in ("loudness_regression", "std_per_level", "std_across_tags"):
+        monkeypatch.setattr(analysis, name, refit)
+    monkeypatch.setattr(np, "polyfit", refit)
+    figures = excitation_figures(result, summary=summary)
+    loud = result.loudness("db", floor_db=-60.0)
+    lines = _fits_drawn(figures["loudness_scatter"])
+    for (x, y), fit in zip(lines, [fits["average"], *fits["notable"].values()], strict=True):
+        np.testing.assert_array_equal(x, [loud.min(), loud.max()])
+        np.testing.assert_array_equal(y, fit["intercept"] + fit["slope"] * x)
+    (ours, _paper) = figures["std_across_tags"].axes[0].get_lines()
+    assert list(ours.get_ydata()) == [row["std"] for row in summary["std_across_tags"]]
+    (mark,) = figures["first_block_excitations"].axes[0].texts
+    assert mark.get_text().startswith(f"{fits['positive']} channels |")
+    with pytest.raises(ValueError, match="not with a summary"):
+        excitation_figures(result, summary=summary, loudness="db")
+    with pytest.raises(ValueError, match="not of these excitations"):
+        excitation_figures(result, summary={**summary, "num_segments": 1})
+
+
+def test_without_a_summary_the_figures_fit_once_through_the_analysis(monkeypatch):
+    calls = []
+    real = analysis.loudness_regression
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "loudness_regression", counted)
+    excitation_figures(_excitation_set(), loudness="db")
+    assert len(calls) == 2  # one summary: the per-channel table and the channel average
+    ex, loud = _excitation_set().segment_level(1), _excitation_set().loudness()
+    fits = loudness_summary(ex, loud)
+    given = _fits_drawn(plot_loudness_scatter(ex, loud, fits=fits, max_points=10))
+    computed = _fits_drawn(plot_loudness_scatter(ex, loud, max_points=10))
+    for (_, y_given), (_, y_computed) in zip(given, computed, strict=True):
+        np.testing.assert_array_equal(y_given, y_computed)
+    with pytest.raises(ValueError, match="fits of 8 channels of rms loudness"):
+        plot_loudness_scatter(ex[:, :4], loud, fits=fits)

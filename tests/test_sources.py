@@ -20,6 +20,7 @@ from resemul_core.data.sources import (
     read_source,
     read_table,
 )
+from resemul_core.data.splits import MTAT_SPLIT_OF_FOLDER, mtat_folders, mtat_split
 from resemul_core.data.tags import MSD_TOP50_TAGS, MTAT_TOP50_TAGS
 from resemul_core.interfaces.cli import main
 
@@ -60,6 +61,19 @@ def make_mtat(root: Path, *, quoted: bool = True, nested: bool = True) -> Path:
     return root
 
 
+def test_the_mtat_split_rule():
+    # The rule, spelled out once here as the test oracle: folders 0-b train, c valid, d-f test.
+    assert "".join(MTAT_SPLIT_OF_FOLDER) == "0123456789abcdef"
+    assert [mtat_folders(s) for s in ("train", "valid", "test")] == ["0123456789ab", "c", "def"]
+    assert mtat_split("c/x-y-01-z-0-29.mp3") == "valid" and mtat_split(" B/x.mp3") == "train"
+    assert mtat_split("f/x.mp3") == "test"
+    for bad in ("g/x.mp3", "", "/0/x.mp3"):
+        with pytest.raises(ValueError, match="does not start with a folder 0-9 or a-f"):
+            mtat_split(bad)
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        mtat_folders("dev")
+
+
 def test_mtat_top_k_order_splits_and_drops_under_both_policies(tmp_path):
     root = make_mtat(tmp_path / "mtat")
     paper = read_mtat(root, top_k=3)
@@ -86,6 +100,7 @@ def test_mtat_top_k_order_splits_and_drops_under_both_policies(tmp_path):
     assert everything.tags == ["choral", "slow", "rock", "piano", "guitar"]
     assert everything.split_counts() == (5, 1, 3)  # clips 7 and 8 now have a tag
     assert [d["clip_id"] for d in everything.dropped] == ["100", "101", "102"]
+    assert everything.clips["split"].tolist() == [mtat_split(p) for p in everything.clips["path"]]
 
 
 def test_mtat_quoted_unquoted_and_flat_layouts_read_the_same(tmp_path):

@@ -14,10 +14,12 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from resemul_core.data.audio import load_audio, segment_waveform
+from resemul_core.analysis.excitations import segment_loudness
+from resemul_core.data.audio import LOUDNESS_FLOOR_DB, dbfs, load_audio, rms, segment_waveform
 from resemul_core.data.prepare import prepare_store, store_summary
 from resemul_core.data.sources import read_table
 from resemul_core.data.store import (
+    clip_levels_db,
     dequantize,
     open_store,
     quantize,
@@ -84,6 +86,35 @@ def test_fingerprint_is_stable_and_covers_labels_and_audio(tmp_path):
     other_labels = np.array([[1, 0], [0, 1], [1, 1], [1, 0]])
     assert arrays_store(tmp_path / "c", labels=other_labels)[0].fingerprint != base
     assert arrays_store(tmp_path / "d", bump=0.01)[0].fingerprint != base
+
+
+def test_clip_levels_are_the_one_loudness_of_the_excitation_analysis(tmp_path):
+    """One definition of dBFS: the store's clip levels and the analysis' segment loudness agree
+    exactly on the same samples, floor included (a second definition would drift)."""
+    rng = np.random.default_rng(4)
+    waveforms = [
+        rng.uniform(-0.5, 0.5, (1, 64)),  # loud
+        np.zeros((1, 64)),  # digital silence
+        np.full((1, 64), 2**-15),  # one LSB: -90 dBFS, below the floor
+        rng.uniform(-0.01, 0.01, (3, 64)),  # several segments: one level over all of them
+    ]
+    store = write_store_from_arrays(
+        tmp_path / "s",
+        waveforms=[w.astype(np.float32) for w in waveforms],
+        labels=np.zeros((4, 2), dtype=np.uint8),
+        splits=["train"] * 4,
+        tags=["loud", "quiet"],
+    )
+    levels = clip_levels_db(store)
+    assert list(levels.columns) == ["clip_id", "split", "rms_db", "loud", "quiet"]
+    for i in range(3):
+        (segment,) = segment_loudness(store.read_clip(i), measure="db")
+        assert levels["rms_db"].iat[i] == segment
+    assert list(levels["rms_db"].iloc[1:3]) == [LOUDNESS_FLOOR_DB] * 2
+    assert levels["rms_db"].iat[3] == dbfs(rms(store.read_clip(3), axis=None))
+    assert clip_levels_db(store, floor_db=-120.0)["rms_db"].iat[2] == pytest.approx(
+        -90.31, abs=0.01
+    )
 
 
 def test_open_store_errors_name_the_path(tmp_path):

@@ -13,8 +13,10 @@ import pytest
 import soundfile as sf
 
 from resemul_core.data import sources, synth, synth_release
+from resemul_core.data.audio import dbfs, rms
 from resemul_core.data.prepare import prepare_store
 from resemul_core.data.sources import MTAT_KNOWN_BROKEN, read_mtat
+from resemul_core.data.splits import mtat_split
 from resemul_core.data.synth import (
     DEFAULT_NUM_CLIPS,
     PARAMS_FILE,
@@ -27,11 +29,6 @@ from resemul_core.data.tags import MTAT_TOP50_TAGS
 from resemul_core.interfaces import cli
 
 NAME = re.compile(r"^[0-9a-f]/synthetic_artist_\d{3}-synthetic_album-\d{2}-track-0-29\.mp3$")
-SPLIT = {**dict.fromkeys("0123456789ab", "train"), "c": "valid", **dict.fromkeys("def", "test")}
-
-
-def _rms_db(x: np.ndarray) -> float:
-    return 20 * np.log10(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -88,7 +85,7 @@ def test_default_size_gives_every_tag_positives_and_negatives_in_every_split():
     clips = synth._plan(DEFAULT_NUM_CLIPS, 0)
     assert Counter(c.mp3_path[0] for c in clips) == dict.fromkeys("0123456789abcdef", 32)
     for split in ("train", "valid", "test"):
-        members = [c for c in clips if SPLIT[c.mp3_path[0]] == split]
+        members = [c for c in clips if mtat_split(c.mp3_path) == split]
         counts = Counter(tag for c in members for tag in c.spec.tags)
         assert all(0 < counts[tag] < len(members) for tag in SYNTH_TAGS), (split, counts)
 
@@ -194,18 +191,20 @@ def test_level_spans_30_db_and_drives_loud_and_quiet(small):
     root, summary = small
     table = pd.read_csv(root / "annotations_final.csv", sep="\t")
     plan = synth._plan(32, 3)
-    measured = np.array([_rms_db(sf.read(root / "mp3" / p)[0]) for p in table["mp3_path"]])
+    measured = np.array([dbfs(rms(sf.read(root / "mp3" / p)[0])) for p in table["mp3_path"]])
     planned = np.array([c.spec.level_db for c in plan])
     assert np.abs(measured - planned).max() < 1.0
     assert measured[table["quiet"] == 1].max() < measured[table["loud"] == 1].min() - 15
     assert summary["level_db"][1] - summary["level_db"][0] > 15
+    rendered = [dbfs(rms(synth._render(c.spec, c.audio_seed, 16000, 48000))) for c in plan]
+    assert summary["level_db"] == (round(min(rendered), 2), round(max(rendered), 2))
     # and the extremes of the level range render 32 dB apart without clipping
     quietest, loudest = (
         dataclasses.replace(plan[0].spec, level_db=level) for level in synth._LEVEL_DB
     )
     low = synth._render(quietest, plan[0].audio_seed, 16000, 32000)
     high = synth._render(loudest, plan[0].audio_seed, 16000, 32000)
-    assert _rms_db(high) - _rms_db(low) > 30 and np.abs(high).max() < 0.91
+    assert dbfs(rms(high)) - dbfs(rms(low)) > 30 and np.abs(high).max() < 0.91
 
 
 def test_names_and_folders_do_not_depend_on_tags(monkeypatch):
@@ -252,7 +251,7 @@ def test_release_has_mtat_layout_and_the_promised_split_counts(release):
     tagless = table[list(SYNTH_TAGS)].sum(axis=1) == 0
     assert tagless.sum() == 80 - sum(summary["expected"]["resemul"]["source"]) > 0
     assert summary["splits"] == {
-        s: int(table["mp3_path"].str[0].map(SPLIT).eq(s).sum()) for s in ("train", "valid", "test")
+        s: int(table["mp3_path"].map(mtat_split).eq(s).sum()) for s in ("train", "valid", "test")
     }
     for policy in ("paper", "resemul"):  # the reader and the prepared store agree with it
         source = read_mtat(root, split_policy=policy, min_duration=2.0)
@@ -284,7 +283,7 @@ def test_release_clips_are_level_variants_with_matching_tags(release):
         assert (info.duration >= 2.0) == (row.duration == 2.0)  # the 3 short ones are short
         audio, _ = sf.read(root / "mp3" / row.mp3_path)
         planned = -13.0 + row.gain_steps * synth_release.GAIN_STEP_DB
-        assert abs(_rms_db(audio) - planned) < 1.0  # the limiter and encoder delay: < 1 dB
+        assert abs(dbfs(rms(audio)) - planned) < 1.0  # the limiter and encoder delay: < 1 dB
         if row.tags:
             assert ("loud" in row.tags) == (planned >= -19) and ("quiet" in row.tags) == (
                 planned <= -37

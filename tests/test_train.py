@@ -1,4 +1,4 @@
-"""Tests of resemul_core.training.loop: schedule logic, learning, exact resume, checkpoint safety."""
+"""Tests of resemul_core.training.loop: schedule, learning, exact resume, checkpoint safety."""
 
 from __future__ import annotations
 
@@ -15,17 +15,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_DETERMINISTIC, TEST_DEVICE, pinned
+from conftest import TEST_DETERMINISTIC, TEST_DEVICE, pinned_config
 
 import resemul_core.training.loop as train_mod
 import resemul_core.training.state as state_mod
 from resemul_core import runtime
 from resemul_core.analysis.evaluate import evaluate_checkpoint
-from resemul_core.config import PROFILES, RUNTIME_FIELDS, TrainConfig, model_config
+from resemul_core.config import (
+    ModelConfig,
+    RunConfig,
+    RuntimeConfig,
+    TrainConfig,
+    model_config,
+)
 from resemul_core.data.store import write_store_from_arrays
 from resemul_core.interfaces.cli import main as cli_main
+from resemul_core.interfaces.pipeline import fit
 from resemul_core.model.checkpoint import CheckpointError, read_checkpoint
 from resemul_core.model.sample_cnn import SampleCNN
+from resemul_core.profiles import PROFILES, apply_overrides, resolve_config
 from resemul_core.training.loop import train
 from resemul_core.training.schedule import (
     StageState,
@@ -36,12 +44,15 @@ from resemul_core.training.schedule import (
     steps_per_epoch,
     update_stage,
 )
-from resemul_core.training.state import TrainingDiverged
+from resemul_core.training.state import TrainingDiverged, saved_run_config
 
-TINY = PROFILES["tiny"]
-TINY_CONFIG = pinned(TINY.config)
 LENGTH = 3**5  # segment length of a 4-block model
 TAGS = ["low tone", "high tone", "noise"]
+
+
+def tiny(variant: str = "basic", **overrides) -> RunConfig:
+    """The tiny profile's run of ``variant`` on the toy store, on the test device."""
+    return pinned_config(variant, "tiny", overrides, num_tags=len(TAGS), segment_length=LENGTH)
 
 
 def make_toy_store(path: Path, *, clips=(48, 16, 16), segments: int = 4, seed: int = 0):
@@ -143,32 +154,31 @@ def test_epoch_batches_reproducible_full_and_covering():
 def test_profiles_change_sizes_not_the_algorithm():
     algorithm = ("learning_rate", "lr_factor", "momentum", "nesterov", "lr_decay", "patience")
     algorithm += ("weight_decay", "batch_size")
-    paper = PROFILES["paper"].config
-    assert paper.num_stages == 5 and paper.max_epochs_per_stage == 100
-    assert paper.max_steps_per_epoch is None and PROFILES["paper"].model == {"width": 1.0}
+    paper = resolve_config("basic", "paper")
+    assert paper.train.num_stages == 5 and paper.train.max_epochs_per_stage == 100
+    assert paper.train.max_steps_per_epoch is None and paper.model.width == 1.0
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     for profile in PROFILES.values():
+        config = resolve_config("basic", profile.name)
+        assert not set(profile.overrides) & set(algorithm), profile.name
         for name in algorithm:
-            assert getattr(profile.config, name) == getattr(paper, name), (profile.name, name)
+            assert getattr(config.train, name) == getattr(paper.train, name), (profile.name, name)
         # sizes, and for the short runs the BN averaging horizon (see Profile's Note)
-        assert set(profile.model) <= {"width", "bn_momentum"}
-    assert "device" in RUNTIME_FIELDS and "learning_rate" not in RUNTIME_FIELDS
+        assert set(profile.overrides) & model_fields <= {"width", "bn_momentum"}
+        unsized = dataclasses.replace(
+            config.model, width=paper.model.width, bn_momentum=paper.model.bn_momentum
+        )
+        assert unsized == paper.model, profile.name
+    runtime_fields = {f.name for f in dataclasses.fields(RuntimeConfig)}
+    assert "device" in runtime_fields and "learning_rate" not in runtime_fields
 
 
 # --- the loop ---------------------------------------------------------------------------------
 
 
 def test_tiny_model_learns_the_toy_task(store, tmp_path):
-    config = dataclasses.replace(
-        TINY_CONFIG, num_stages=1, max_epochs_per_stage=4, max_steps_per_epoch=None
-    )
-    result = train(
-        store,
-        tmp_path / "run",
-        variant="basic",
-        config=config,
-        model_options=TINY.model,
-        progress=False,
-    )
+    config = tiny("basic", num_stages=1, max_epochs_per_stage=4, max_steps_per_epoch=None)
+    result = train(store, tmp_path / "run", config, progress=False)
     log = read_log(tmp_path / "run")
     assert result.finished and len(log) == 4
     assert float(log[-1]["train_loss"]) < 0.8 * float(log[0]["train_loss"])
@@ -195,13 +205,9 @@ def test_stages_restart_from_the_best_weights(store, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "validation_loss", fake_validation)
     monkeypatch.setattr(state_mod, "build_optimizer", spy_build)
-    config = dataclasses.replace(
-        TINY_CONFIG, num_stages=3, max_epochs_per_stage=100, max_steps_per_epoch=2
-    )
+    config = tiny("res2", num_stages=3, max_epochs_per_stage=100, max_steps_per_epoch=2)
     run = tmp_path / "run"
-    result = train(
-        store, run, variant="res2", config=config, model_options=TINY.model, progress=False
-    )
+    result = train(store, run, config, progress=False)
     log = read_log(run)
     assert [int(r["stage"]) for r in log] == [0] * 5 + [1] * 5 + [2] * 4
     assert [int(r["improved"]) for r in log] == [1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0]
@@ -226,35 +232,29 @@ def test_nan_loss_stops_naming_the_step(store, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "bce_loss", poisoned)
     with pytest.raises(TrainingDiverged, match="global step 3 "):
-        train(
-            store,
-            tmp_path / "run",
-            variant="basic",
-            config=TINY_CONFIG,
-            model_options=TINY.model,
-            progress=False,
-        )
+        train(store, tmp_path / "run", tiny("basic"), progress=False)
 
 
 # --- checkpoints and resume -------------------------------------------------------------------
 
-RESUME_CONFIG = dataclasses.replace(
-    TINY_CONFIG, num_stages=2, max_epochs_per_stage=2, max_steps_per_epoch=4, checkpoint_every=3
-)
+RESUME = {
+    "num_stages": 2,
+    "max_epochs_per_stage": 2,
+    "max_steps_per_epoch": 4,
+    "checkpoint_every": 3,
+}
+
+
+def resume_config(variant: str, **overrides) -> RunConfig:
+    """The tiny profile shortened to 2 stages of 2 epochs of 4 steps, checkpoints every 3."""
+    return tiny(variant, **{**RESUME, **overrides})
 
 
 @pytest.fixture(scope="module")
 def reference_run(store, tmp_path_factory):
     """An uninterrupted run with dropout in the blocks and the head."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    train(
-        store,
-        run,
-        variant="res2-multi",
-        config=RESUME_CONFIG,
-        model_options=TINY.model,
-        progress=False,
-    )
+    train(store, run, resume_config("res2-multi"), progress=False)
     return run
 
 
@@ -274,15 +274,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
 
 def test_stop_and_resume_gives_identical_weights(store, tmp_path, reference_run):
     run = tmp_path / "run"
-    first = train(
-        store,
-        run,
-        variant="res2-multi",
-        config=RESUME_CONFIG,
-        model_options=TINY.model,
-        max_steps=5,
-        progress=False,
-    )
+    first = train(store, run, resume_config("res2-multi"), max_steps=5, progress=False)
     assert not first.finished and first.global_step == 5
     saved = torch.load(run / "last.pt", weights_only=True)
     assert saved["progress"]["epoch"] == 1 and saved["progress"]["step"] == 1
@@ -310,17 +302,17 @@ def test_sigkill_then_resume_gives_identical_weights(store, tmp_path, reference_
         str(run),
         "--profile",
         "tiny",
-        "--stages",
-        "2",
-        "--max-epochs",
-        "2",
-        "--steps-per-epoch",
-        "4",
-        "--checkpoint-every",
-        "1",
+        "--set",
+        "num_stages=2",
+        "--set",
+        "max_epochs_per_stage=2",
+        "--set",
+        "max_steps_per_epoch=4",
+        "--set",
+        "checkpoint_every=1",
         "--device",
         TEST_DEVICE,
-        *(["--deterministic"] if TEST_DETERMINISTIC else []),
+        *(["--set", "deterministic=true"] if TEST_DETERMINISTIC else []),
         "--no-progress",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -344,21 +336,14 @@ def test_sigkill_then_resume_gives_identical_weights(store, tmp_path, reference_
     assert process.returncode == -signal.SIGKILL
     killed_at = read_checkpoint(run / "last.pt")["progress"]["global_step"]
     assert 3 <= killed_at < 16
-    train(store, run, config=RESUME_CONFIG, resume=True, progress=False)
+    resumed = train(store, run, resume_config("res2-multi"), resume=True, progress=False)
+    assert resumed.config == resume_config("res2-multi")  # checkpoint_every 1 -> 3 may change
     assert_same_run(run, reference_run)
 
 
 def test_corrupted_checkpoint_is_refused_and_kept(store, tmp_path):
     run = tmp_path / "run"
-    train(
-        store,
-        run,
-        variant="basic",
-        config=RESUME_CONFIG,
-        model_options=TINY.model,
-        max_steps=6,
-        progress=False,
-    )
+    train(store, run, resume_config("basic"), max_steps=6, progress=False)
     best_bytes = (run / "best.pt").read_bytes()
     corrupt = (run / "last.pt").read_bytes()[:1000]
     (run / "last.pt").write_bytes(corrupt)
@@ -370,89 +355,94 @@ def test_corrupted_checkpoint_is_refused_and_kept(store, tmp_path):
 
 def test_mismatched_resume_is_refused(store, tmp_path):
     run = tmp_path / "run"
-    train(
-        store,
-        run,
-        variant="basic",
-        config=RESUME_CONFIG,
-        model_options=TINY.model,
-        max_steps=2,
-        progress=False,
-    )
+    config = resume_config("basic")
+    train(store, run, config, max_steps=2, progress=False)
     before = (run / "last.pt").read_bytes()
     other = make_toy_store(tmp_path / "other", seed=1)
     with pytest.raises(CheckpointError, match="fingerprint"):
         train(other, run, resume=True, progress=False)
-    with pytest.raises(CheckpointError, match="learning_rate"):
-        train(
-            store,
-            run,
-            config=dataclasses.replace(RESUME_CONFIG, learning_rate=0.1),
-            resume=True,
-            progress=False,
-        )
-    with pytest.raises(CheckpointError, match="'se'"):
-        train(store, run, variant="se", resume=True, progress=False)
+    with pytest.raises(
+        CheckpointError, match=r"configured differently: train\.learning_rate \(0\.01 -> 0\.1\)"
+    ):
+        train(store, run, resume_config("basic", learning_rate=0.1), resume=True, progress=False)
+    with pytest.raises(
+        CheckpointError, match=r"the run was configured differently: train\.seed \(0 -> 4\)"
+    ):
+        train(store, run, resume_config("basic", seed=4), resume=True, progress=False)
+    with pytest.raises(CheckpointError, match=r"model\.width \(0\.0625 -> 0\.125\)"):
+        train(store, run, resume_config("basic", width=0.125), resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="it trains 'basic', not 'se'"):
+        train(store, run, resume_config("se"), resume=True, progress=False)
     assert (run / "last.pt").read_bytes() == before
-    # runtime fields may change on resume
-    runtime = dataclasses.replace(RESUME_CONFIG, checkpoint_every=2, num_workers=1)
-    assert train(store, run, config=runtime, resume=True, progress=False).finished
+    # runtime fields may change on resume, and the resumed run uses them
+    runtime = apply_overrides(config, {"checkpoint_every": 2, "num_workers": 1})
+    result = train(store, run, runtime, resume=True, progress=False)
+    assert result.finished and result.config == runtime
+    assert saved_run_config(run) == runtime
 
 
 def test_fresh_run_refuses_an_existing_run(store, tmp_path):
     run = tmp_path / "run"
-    train(
-        store,
-        run,
-        variant="basic",
-        config=RESUME_CONFIG,
-        model_options=TINY.model,
-        max_steps=1,
-        progress=False,
-    )
+    config = resume_config("basic")
+    train(store, run, config, max_steps=1, progress=False)
     with pytest.raises(FileExistsError, match="already holds a run"):
-        train(store, run, variant="basic", config=RESUME_CONFIG, model_options=TINY.model)
-    result = train(
-        store,
-        run,
-        variant="basic",
-        config=RESUME_CONFIG,
-        model_options=TINY.model,
-        overwrite=True,
-        max_steps=1,
-        progress=False,
-    )
+        train(store, run, config)
+    result = train(store, run, config, overwrite=True, max_steps=1, progress=False)
     assert result.global_step == 1
 
 
-def test_segment_length_must_match_the_model(store, tmp_path):
+def test_the_model_must_fit_the_store(store, tmp_path):
+    # a config resolved without the store's facts: 9 blocks and 50 tags unless told otherwise
+    five_blocks = apply_overrides(tiny("basic"), {"num_blocks": 5})
     with pytest.raises(ValueError, match="243 samples"):
-        train(
-            store,
-            tmp_path / "run",
-            variant="basic",
-            config=TINY_CONFIG,
-            model_options={"num_blocks": 5},
-        )
+        train(store, tmp_path / "run", five_blocks)
+    fifty_tags = apply_overrides(tiny("basic"), {"num_tags": 50})
+    with pytest.raises(ValueError, match="has 3 tags but the model predicts 50"):
+        train(store, tmp_path / "run", fifty_tags)
+    with pytest.raises(ValueError, match="needs a config"):
+        train(store, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_overrides_that_contradict_the_store_are_refused(store, tmp_path, capsys):
+    """A num_tags or num_blocks the store does not have is an error, not silently replaced."""
+    run = tmp_path / "run"
+    with pytest.raises(
+        ValueError, match="num_tags=50 was asked for, but the data gives num_tags=3"
+    ):
+        fit(store, run, variant="basic", profile="tiny", overrides={"num_tags": 50})
+    with pytest.raises(ValueError, match="num_blocks=9 was asked for, .* num_blocks=4"):
+        fit(store, run, variant="basic", profile="tiny", overrides={"model.num_blocks": 9})
+    base = ["train", "--data", str(store.path), "--out", str(run), "--no-progress"]
+    fresh = base + ["--variant", "basic", "--profile", "tiny", "--device", "cpu"]
+    assert cli_main(fresh + ["--set", "num_tags=50"]) == 2
+    assert "the data gives num_tags=3" in capsys.readouterr().err
+    assert not run.exists()
+    # agreeing with the store is fine
+    done = fit(
+        store,
+        run,
+        variant="basic",
+        profile="tiny",
+        overrides={"num_tags": 3, "num_blocks": 4, "device": "cpu"},
+        max_steps=1,
+        progress=False,
+    )
+    assert done.config.model.num_tags == 3 and done.result.global_step == 1
 
 
 def test_checkpoints_carry_what_inference_needs(store, tmp_path):
     run = tmp_path / "run"
-    train(
-        store,
-        run,
-        variant="se-multi",
-        config=RESUME_CONFIG,
-        model_options=TINY.model,
-        max_steps=5,
-        progress=False,
-    )
+    config = resume_config("se-multi")
+    train(store, run, config, max_steps=5, progress=False)
     best = torch.load(run / "best.pt", weights_only=True)
     assert best["tags"] == TAGS and best["variant"] == "se-multi"
     assert best["store_fingerprint"] == store.fingerprint
     assert best["audio"]["segment_length"] == LENGTH and best["audio"]["segments_per_clip"] == 4
-    assert TrainConfig.from_dict(best["train_config"]) == RESUME_CONFIG
+    assert TrainConfig.from_dict(best["train_config"]) == config.train
+    assert RuntimeConfig.from_dict(best["runtime_config"]) == config.runtime
+    assert ModelConfig.from_dict(best["model_config"]) == config.model
+    assert saved_run_config(run) == config
 
 
 def test_cli_train_resume_and_refusal(store, tmp_path, capsys):
@@ -460,18 +450,32 @@ def test_cli_train_resume_and_refusal(store, tmp_path, capsys):
     base = ["train", "--data", str(store.path), "--out", str(run), "--no-progress"]
     fresh = base + ["--variant", "basic", "--profile", "tiny", "--device", "cpu"]
     assert cli_main(fresh + ["--max-steps", "3"]) == 0
-    assert "continue with --resume" in capsys.readouterr().out
-    assert cli_main(fresh) == 1
-    assert "already holds a run" in capsys.readouterr().err
-    assert cli_main(base + ["--resume", "--checkpoint-every", "2"]) == 0
+    assert "stopped (run the same command to continue)" in capsys.readouterr().out
+    before = (run / "last.pt").read_bytes()
+    # a run in --out is continued, so a different recipe is refused, not started over it
+    assert cli_main(fresh + ["--seed", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "the run was configured differently: train.seed (0 -> 4)" in err
+    assert cli_main(fresh + ["--set", "widht=0.5"]) == 2
+    assert "unknown setting 'widht'; valid settings:" in capsys.readouterr().err
+    assert (run / "last.pt").read_bytes() == before
+    # --resume requires a run
+    nothing = ["train", "--data", str(store.path), "--out", str(tmp_path / "none"), "--resume"]
+    assert cli_main(nothing + ["--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(fresh + ["--max-steps", "1"]) == 0  # the same command continues
+    assert read_checkpoint(run / "last.pt")["progress"]["global_step"] == 4
+    assert "stopped" in capsys.readouterr().out
+    assert cli_main(base + ["--resume", "--set", "checkpoint_every=2"]) == 0
     assert "finished" in capsys.readouterr().out
-    assert read_checkpoint(run / "last.pt")["progress"]["done"]
+    last = read_checkpoint(run / "last.pt")
+    assert last["progress"]["done"] and last["runtime_config"]["checkpoint_every"] == 2
 
 
 def test_a_store_without_validation_segments_is_refused(tmp_path):
     no_valid = make_toy_store(tmp_path / "store", clips=(4, 0, 2))
     with pytest.raises(ValueError, match="'valid' split"):
-        train(no_valid, tmp_path / "run", variant="basic", config=TINY_CONFIG)
+        train(no_valid, tmp_path / "run", tiny("basic"))
     assert not (tmp_path / "run").exists()
 
 
@@ -479,16 +483,20 @@ def test_a_store_without_validation_segments_is_refused(tmp_path):
 
 
 def test_precision_is_one_recorded_setting_faithful_by_default():
-    assert TrainConfig().precision == "fp32" and PROFILES["paper"].config.precision == "fp32"
-    assert {PROFILES[p].config.precision for p in ("demo", "gpu", "tiny")} == {"bf16"}
-    assert "precision" not in RUNTIME_FIELDS  # it changes the numbers: fixed for a run
+    paper = resolve_config("basic", "paper")
+    assert TrainConfig().precision == "fp32" and paper.train.precision == "fp32"
+    assert {resolve_config("basic", p).train.precision for p in ("demo", "gpu", "tiny")} == {"bf16"}
+    # it changes the numbers: part of the recipe, fixed for a run
+    assert "precision" not in {f.name for f in dataclasses.fields(RuntimeConfig)}
     with pytest.raises(ValueError, match="unknown precision 'fp16'; valid: fp32, tf32, bf16"):
         TrainConfig(precision="fp16")
-    # checkpoints written before the setting existed: autocast on was bf16, off was fp32
-    old = TrainConfig().to_dict()
+    # checkpoints written before the setting existed (their training config also held the
+    # runtime settings, some of which did not exist yet): autocast on was bf16, off was fp32
+    old = {**TrainConfig().to_dict(), **RuntimeConfig(num_workers=3).to_dict()}
     del old["precision"], old["deterministic"]
     assert TrainConfig.from_dict({**old, "autocast": True}).precision == "bf16"
-    assert TrainConfig.from_dict({**old, "autocast": False}).precision == "fp32"
+    assert TrainConfig.from_dict({**old, "autocast": False}) == TrainConfig()
+    assert RuntimeConfig.from_dict({**old, "autocast": True}) == RuntimeConfig(num_workers=3)
 
 
 def test_precision_changes_the_step_as_stated():
@@ -512,19 +520,10 @@ def test_precision_changes_the_step_as_stated():
 
 def test_a_resume_may_not_change_the_precision(store, tmp_path):
     run = tmp_path / "run"
-    fp32 = dataclasses.replace(RESUME_CONFIG, precision="fp32")
-    train(
-        store,
-        run,
-        variant="basic",
-        config=fp32,
-        model_options=TINY.model,
-        max_steps=2,
-        progress=False,
-    )
+    train(store, run, resume_config("basic", precision="fp32"), max_steps=2, progress=False)
     assert read_checkpoint(run / "last.pt")["train_config"]["precision"] == "fp32"
-    with pytest.raises(CheckpointError, match=r"precision \('fp32' -> 'bf16'\)"):
-        train(store, run, config=RESUME_CONFIG, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match=r"train\.precision \('fp32' -> 'bf16'\)"):
+        train(store, run, resume_config("basic"), resume=True, progress=False)
 
 
 def test_only_the_run_devices_cuda_rng_state_is_restored():
@@ -542,15 +541,7 @@ def test_a_checkpoint_with_cuda_rng_states_of_other_gpus_resumes(store, tmp_path
     """A ``last.pt`` written on a machine with three GPUs resumes here (and equals the
     uninterrupted run: the CPU-side states are what a CPU run draws from)."""
     run = tmp_path / "run"
-    train(
-        store,
-        run,
-        variant="res2-multi",
-        config=RESUME_CONFIG,
-        model_options=TINY.model,
-        max_steps=5,
-        progress=False,
-    )
+    train(store, run, resume_config("res2-multi"), max_steps=5, progress=False)
     payload = torch.load(run / "last.pt", weights_only=True)
     if TEST_DEVICE == "cpu":
         assert payload["rng"]["cuda"] == []  # nothing of a GPU the run did not use
@@ -579,9 +570,9 @@ def test_too_many_processes_for_the_batch_are_refused_before_starting(store, tmp
     # or fail otherwise) and before touching the run directory
     monkeypatch.setenv("WORLD_SIZE", "12")
     monkeypatch.setenv("RANK", "3")
-    no_sync = dataclasses.replace(TINY_CONFIG, sync_bn=False)
+    no_sync = tiny("basic", sync_bn=False)
     with pytest.raises(ValueError, match="use at most 11 processes, or keep sync_bn"):
-        train(store, tmp_path / "run", variant="basic", config=no_sync, model_options=TINY.model)
+        train(store, tmp_path / "run", no_sync)
     assert not (tmp_path / "run").exists()
 
 
@@ -603,16 +594,14 @@ def test_compiled_training_saves_plain_keys_and_compiles_once(store, tmp_path):
 
     torch._dynamo.reset()
     counters.clear()
-    config = dataclasses.replace(RESUME_CONFIG, precision="fp32")
-    options = {**TINY.model, "dropout": 0.0}
-    kwargs = {"variant": "se-multi", "model_options": options, "progress": False}
+    config = resume_config("se-multi", precision="fp32", dropout=0.0)
     compiled = train(
-        store, tmp_path / "c", config=dataclasses.replace(config, compile=True), **kwargs
+        store, tmp_path / "c", apply_overrides(config, {"compile": True}), progress=False
     )
     assert compiled.finished and compiled.epochs == 4
     assert counters["stats"]["unique_graphs"] == 1
     got = read_checkpoint(tmp_path / "c" / "last.pt")["model_state"]
-    train(store, tmp_path / "e", config=config, **kwargs)
+    train(store, tmp_path / "e", config, progress=False)
     want = read_checkpoint(tmp_path / "e" / "last.pt")["model_state"]
     assert list(got) == list(want) and not any("_orig_mod" in k for k in got)
     for key in want:

@@ -26,14 +26,14 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from resemul_core.config import VARIANTS
 from resemul_core.data.datasets import ClipDataset
 from resemul_core.data.store import SegmentStore, open_store
 from resemul_core.files import write_json
 from resemul_core.model.checkpoint import load_checkpoint
-from resemul_core.runtime import autocast, configure_backends, select_device
+from resemul_core.model.inference import clip_average, run_model
+from resemul_core.runtime import select_device
 from resemul_core.training.run_dir import metrics_filename, resolve_checkpoint
 
 __all__ = [
@@ -185,7 +185,11 @@ def tag_metrics(y_true: np.ndarray, y_score: np.ndarray, tags: Sequence[str]) ->
 def _collate_clips(
     items: list[tuple[torch.Tensor, torch.Tensor, int]],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack the segments of several clips into one batch and remember the clip boundaries."""
+    """Stack the segments of several clips into one batch and remember the clip boundaries.
+
+    ``(segments (n_i, L), labels (T,), clip)`` items -> ``(segments (sum(n_i), L),
+    labels (clips, T), counts (clips,))``.
+    """
     segments = torch.cat([s for s, _, _ in items])  # sum(n_seg), L
     labels = torch.stack([y for _, y, _ in items])  # clips, T
     counts = torch.tensor([s.shape[0] for s, _, _ in items])
@@ -207,11 +211,13 @@ def predict_clips(
 
     Args:
         model: a :class:`~resemul_core.model.sample_cnn.SampleCNN` (any module mapping ``(B, L)`` to
-            ``(B, T)`` logits); put in eval mode.
+            ``(B, T)`` logits) on ``device``; run in eval mode by
+            :func:`~resemul_core.model.inference.run_model`, its mode restored afterwards.
         store: a :class:`~resemul_core.data.store.SegmentStore` or its directory.
         split: 'train', 'valid' or 'test'.
         clips_per_batch: clips per forward pass (10 segments each for MTAT).
-        device: where to run the model.
+        device: where the model is: a ``torch.device`` or a name for
+            :func:`~resemul_core.runtime.select_device` ("auto", "cpu", "cuda", ...).
         precision: "fp32" (the default: the paper's numbers are float32 ones), "tf32" or
             "bf16" (:mod:`resemul_core.runtime`).
 
@@ -219,8 +225,7 @@ def predict_clips(
         ``(scores, labels, clip_indices)``: ``(num_clips, T)`` float32 probabilities,
         ``(num_clips, T)`` uint8 labels and ``(num_clips,)`` store indices.
     """
-    device = torch.device(device)
-    configure_backends(device, precision)  # fp32 also means no TF32 on CUDA
+    device = select_device(str(device))
     dataset = ClipDataset(store, split)
     if len(dataset) == 0:
         raise ValueError(f"split {split!r} of {dataset.store.path} holds no clips")
@@ -231,19 +236,17 @@ def predict_clips(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
-    model.eval()
+    desc = f"evaluate {split}"
+    outputs = run_model(
+        model, loader, device=device, precision=precision, progress=progress, desc=desc
+    )
     scores, labels = [], []
-    with torch.no_grad():
-        for segments, clip_labels, counts in tqdm(
-            loader, desc=f"evaluate {split}", disable=not progress
-        ):
-            with autocast(device, precision):
-                logits = model(segments.to(device, non_blocking=True))  # sum(n_seg), T
-            probs = torch.sigmoid(logits.float()).cpu()
-            scores += [p.mean(dim=0) for p in torch.split(probs, counts.tolist())]  # T each
-            labels.append(clip_labels)
+    for logits, _, (clip_labels, counts) in outputs:
+        probs = torch.sigmoid(logits).cpu()  # sum(n_seg), T
+        scores.append(clip_average(probs, counts))  # clips, T
+        labels.append(clip_labels)
     return (
-        torch.stack(scores).numpy().astype(np.float32),
+        torch.cat(scores).numpy().astype(np.float32),
         torch.cat(labels).numpy().astype(np.uint8),
         dataset.clip_index.copy(),
     )

@@ -7,7 +7,8 @@ Public:
 * loudness: :func:`segment_rms`, :func:`rms_to_db`, :func:`segment_loudness`;
 * analyses, pure functions over arrays: :func:`clip_means`, :func:`tag_means`,
   :func:`std_across_tags`, :func:`std_per_level`, :func:`loudness_regression`,
-  :func:`slope_counts`, :func:`notable_channels`, :func:`summarize_excitations`;
+  :func:`slope_counts`, :func:`notable_channels`, :func:`loudness_summary`,
+  :func:`summarize_excitations`;
 * the paper's numbers: :data:`PAPER_STD_ACROSS_TAGS`, :data:`PAPER_SLOPE_COUNTS`.
 
 Shape legend: N = segments, K = clips, T = tags, C = channels of one SE block. A *level* is
@@ -36,8 +37,10 @@ import torch
 from tqdm import tqdm
 
 from resemul_core.config import VARIANTS, ModelConfig
+from resemul_core.data import audio
 from resemul_core.files import atomic_write
-from resemul_core.runtime import configure_backends
+from resemul_core.model.inference import run_model
+from resemul_core.runtime import select_device
 
 __all__ = [
     "PAPER_STD_ACROSS_TAGS",
@@ -59,6 +62,7 @@ __all__ = [
     "std_across_tags",
     "std_per_level",
     "loudness_regression",
+    "loudness_summary",
     "slope_counts",
     "notable_channels",
     "summarize_excitations",
@@ -87,8 +91,9 @@ PAPER_SLOPE_COUNTS: dict[str, int] = {"positive": 109, "negative": 19}
 LOUDNESS_MEASURES = ("rms", "db")
 
 #: Floor of the dB loudness: segments quieter than this (including digital silence) read
-#: as this value instead of -inf.
-DEFAULT_FLOOR_DB = -80.0
+#: as this value instead of -inf. The data layer's one floor,
+#: :data:`resemul_core.data.audio.LOUDNESS_FLOOR_DB` (-80 dBFS), under this module's name.
+DEFAULT_FLOOR_DB = audio.LOUDNESS_FLOOR_DB
 
 SLOPE_CONVENTION = (
     "slope = d(excitation) / d(loudness) from a least-squares line over all segments; "
@@ -231,14 +236,16 @@ def extract_excitations(
     """Run every segment of a split through an SE model and collect its SE gates.
 
     Args:
-        model: a :class:`~resemul_core.model.sample_cnn.SampleCNN` of an SE-bearing variant. It is moved
-            to ``device`` and run in eval mode under ``torch.no_grad``; its training flag is
-            restored afterwards.
+        model: a :class:`~resemul_core.model.sample_cnn.SampleCNN` of an SE-bearing variant. It
+            is moved to ``device`` and run in float32 and eval mode by
+            :func:`~resemul_core.model.inference.run_model` (``forward_with_gates``); its
+            training flag is restored afterwards.
         store: the segment store (``store.open_store``); segments ``(n_seg, L)`` with ``L`` the
             model's input length.
         split: which split's clips to use (the paper: ``"test"``).
         batch_size: segments per forward pass; batches span clip boundaries.
-        device: where to run the model, e.g. ``"cpu"`` or ``"cuda"``.
+        device: where to run the model: a ``torch.device`` or a name for
+            :func:`~resemul_core.runtime.select_device` (``"auto"``, ``"cpu"``, ``"cuda"``, ...).
         segment_levels: levels whose per-segment gates are kept: ``"first"`` (the first SE
             block, what the loudness analysis needs), ``"all"``, or a list of levels.
         progress: show a tqdm progress bar over clips.
@@ -264,10 +271,8 @@ def extract_excitations(
     if len(indices) == 0:
         raise ValueError(f"split {split!r} has no clips")
 
-    device = torch.device(device)
-    configure_backends(device, "fp32")  # float32 as in evaluation: no TF32 on CUDA
-    was_training = model.training
-    model.to(device).eval()
+    device = select_device(str(device))
+    model.to(device)
     counts = np.zeros(len(indices), dtype=np.int64)
     rms: list[np.ndarray] = []
 
@@ -289,20 +294,18 @@ def extract_excitations(
     sums: list[np.ndarray] = []  # per level (K, C_i) float64, sized at the first batch
     kept: dict[int, list[np.ndarray]] = {level: [] for level in keep}
     owners: list[np.ndarray] = []
-    try:
-        with torch.no_grad():
-            for batch, owner in _rebatch(clips(), batch_size):
-                _, gates = model(torch.from_numpy(batch).to(device), return_excitations=True)
-                for pos, gate in enumerate(gates):
-                    g = gate.float().cpu().numpy()  # B, C_i
-                    if len(sums) < len(gates):
-                        sums.append(np.zeros((len(indices), g.shape[1])))
-                    np.add.at(sums[pos], owner, g)
-                    if levels[pos] in kept:
-                        kept[levels[pos]].append(g)
-                owners.append(owner)
-    finally:
-        model.train(was_training)
+    batches = _rebatch(clips(), batch_size)  # (segments (b, L), owner rows (b,))
+    for _, gates, (owner,) in run_model(
+        model, batches, device=device, precision="fp32", gates=True
+    ):
+        for pos, gate in enumerate(gates):
+            g = gate.cpu().numpy()  # b, C_i
+            if len(sums) < len(gates):
+                sums.append(np.zeros((len(indices), g.shape[1])))
+            np.add.at(sums[pos], owner, g)
+            if levels[pos] in kept:
+                kept[levels[pos]].append(g)
+        owners.append(owner)
 
     present = counts > 0
     if not present.any():
@@ -433,7 +436,7 @@ def load_excitations(path: str | os.PathLike) -> ExcitationSet:
 
 
 def segment_rms(segments: np.ndarray) -> np.ndarray:
-    """Root-mean-square amplitude of each segment.
+    """Root-mean-square amplitude of each segment (:func:`resemul_core.data.audio.rms`).
 
     Args:
         segments: ``(N, L)`` samples in [-1, 1].
@@ -441,23 +444,21 @@ def segment_rms(segments: np.ndarray) -> np.ndarray:
     Returns:
         ``(N,)`` float64 RMS amplitude, 0 for silence, 1 for a full-scale square wave.
     """
-    segments = np.asarray(segments, dtype=np.float64)
-    if segments.ndim != 2:
-        raise ValueError(f"expected segments of shape (N, L), found {segments.shape}")
-    return np.sqrt(np.mean(segments**2, axis=1))
+    if np.ndim(segments) != 2:
+        raise ValueError(f"expected segments of shape (N, L), found {np.shape(segments)}")
+    return audio.rms(segments, axis=1)
 
 
-def rms_to_db(rms: np.ndarray, *, floor_db: float = DEFAULT_FLOOR_DB) -> np.ndarray:
-    """RMS amplitude in dB relative to full scale: ``20 log10(max(rms, 10^(floor_db/20)))``."""
-    floor = 10.0 ** (floor_db / 20.0)
-    return 20.0 * np.log10(np.maximum(np.asarray(rms, dtype=np.float64), floor))
+#: RMS amplitude in dBFS with a floor: :func:`resemul_core.data.audio.dbfs` under the name
+#: this module has always exported.
+rms_to_db = audio.dbfs
 
 
 def _rms_as(rms: np.ndarray, measure: str, *, floor_db: float) -> np.ndarray:
     if measure == "rms":
         return np.asarray(rms, dtype=np.float64)
     if measure == "db":
-        return rms_to_db(rms, floor_db=floor_db)
+        return audio.dbfs(rms, floor_db=floor_db)
     raise ValueError(f"unknown loudness measure {measure!r}; valid: {', '.join(LOUDNESS_MEASURES)}")
 
 
@@ -634,6 +635,53 @@ def notable_channels(regression: pd.DataFrame) -> dict[str, int]:
     }
 
 
+def loudness_summary(
+    segment_excitations: np.ndarray,
+    loudness: np.ndarray,
+    *,
+    measure: str = "rms",
+    level: int = 1,
+    floor_db: float = DEFAULT_FLOOR_DB,
+) -> dict[str, Any]:
+    """Excitation vs loudness of one block, fitted once: the numbers the summary reports and
+    the lines the scatter figure draws (:func:`resemul_core.analysis.plots.plot_loudness_scatter`).
+
+    Args:
+        segment_excitations: ``(N, C)`` per-segment excitations of one block.
+        loudness: ``(N,)`` per-segment loudness in ``measure``.
+        measure: ``"rms"`` or ``"db"``, recorded with the fits.
+        level: the block level, recorded with the fits.
+        floor_db: floor the dB loudness was computed with, recorded (``None`` for ``"rms"``).
+
+    Returns:
+        ``{"measure", "floor_db", "level", "convention", "channels", "positive", "negative",
+        "zero", "average": {"slope", "intercept", "r2", "rmse"}, "notable": {name:
+        {"channel", "slope", "intercept", "r2", "rmse"}}}``: :func:`slope_counts` of the
+        per-channel :func:`loudness_regression`, the line of the channel average, and the
+        :func:`notable_channels` with their lines; JSON-able, NaN becomes ``None``.
+    """
+    if measure not in LOUDNESS_MEASURES:
+        raise ValueError(
+            f"unknown loudness measure {measure!r}; valid: {', '.join(LOUDNESS_MEASURES)}"
+        )
+    first = np.asarray(segment_excitations, dtype=np.float64)
+    regression = loudness_regression(first, loudness)
+    average = loudness_regression(first.mean(axis=1, keepdims=True), loudness).iloc[0]
+    return {
+        "measure": measure,
+        "floor_db": float(floor_db) if measure == "db" else None,
+        "level": int(level),
+        "convention": SLOPE_CONVENTION,
+        "channels": int(first.shape[1]),
+        **slope_counts(regression["slope"]),
+        "average": _floats(average),
+        "notable": {
+            name: {"channel": channel, **_floats(regression.loc[channel])}
+            for name, channel in notable_channels(regression).items()
+        },
+    }
+
+
 def summarize_excitations(
     excitations: ExcitationSet,
     *,
@@ -650,20 +698,14 @@ def summarize_excitations(
     Returns:
         ``{"variant", "split", "num_clips", "num_segments", "num_tags",
         "std_across_tags": [{"level", "channels", "std", "paper"}, ...],
-        "loudness": {"measure", "level", "convention", "channels", "positive", "negative",
-        "zero", "average": {...}, "notable": {name: {"channel", "slope", ...}}},
+        "loudness": :func:`loudness_summary` of the first level,
         "paper": {"std_across_tags": {...}, "slope_counts": {...}}}``; NaN becomes ``None``.
+        :func:`resemul_core.analysis.plots.excitation_figures` draws from this dict.
     """
     levels = excitations.levels
     table = std_per_level(excitations.clip, excitations.labels, levels=levels)
     first = excitations.segment_level(levels[0])
     loud = excitations.loudness(loudness, floor_db=floor_db)
-    regression = loudness_regression(first, loud)
-    average = loudness_regression(first.mean(axis=1, keepdims=True), loud).iloc[0]
-    notable = {
-        name: {"channel": channel, **_floats(regression.loc[channel])}
-        for name, channel in notable_channels(regression).items()
-    }
     return {
         "variant": excitations.variant,
         "split": excitations.split,
@@ -678,15 +720,9 @@ def summarize_excitations(
             }
             for _, row in table.iterrows()
         ],
-        "loudness": {
-            "measure": loudness,
-            "level": levels[0],
-            "convention": SLOPE_CONVENTION,
-            "channels": int(first.shape[1]),
-            **slope_counts(regression["slope"]),
-            "average": _floats(average),
-            "notable": notable,
-        },
+        "loudness": loudness_summary(
+            first, loud, measure=loudness, level=levels[0], floor_db=floor_db
+        ),
         "paper": {
             "std_across_tags": {str(k): v for k, v in PAPER_STD_ACROSS_TAGS.items()},
             "slope_counts": dict(PAPER_SLOPE_COUNTS),

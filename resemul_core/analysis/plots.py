@@ -13,14 +13,18 @@ Public:
 
 Figures are built on ``matplotlib.figure.Figure`` rather than ``pyplot`` so that no global
 figure registry grows in long sessions; Jupyter's inline backend still displays a returned
-``Figure``. The numbers come from the pure analyses in :mod:`resemul_core.analysis.excitations`.
+``Figure``. The numbers come from the pure analyses in :mod:`resemul_core.analysis.excitations`:
+the excitation figures draw what :func:`~resemul_core.analysis.excitations.summarize_excitations`
+computed (its regression lines, slope counts and std table) and fit nothing themselves.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,12 +36,11 @@ from resemul_core.analysis.excitations import (
     DEFAULT_FLOOR_DB,
     PAPER_STD_ACROSS_TAGS,
     ExcitationSet,
-    loudness_regression,
-    notable_channels,
-    slope_counts,
-    std_per_level,
+    loudness_summary,
+    summarize_excitations,
 )
 from resemul_core.config import VARIANTS
+from resemul_core.data.store import SPLITS
 from resemul_core.files import atomic_write
 
 __all__ = [
@@ -226,9 +229,10 @@ def plot_std_across_tags(
     """The "standard deviations across tags" per block level, with the paper's values.
 
     Args:
-        table: :func:`~resemul_core.analysis.excitations.std_per_level` output (``level``, ``std``).
-        paper: overlay :data:`~resemul_core.analysis.excitations.PAPER_STD_ACROSS_TAGS` (read off the
-            paper's plot of the 9-block SE-multi model on MTAT).
+        table: :func:`~resemul_core.analysis.excitations.std_per_level` output (``level``,
+            ``std``), or the ``std_across_tags`` rows of a summary as a DataFrame.
+        paper: overlay :data:`~resemul_core.analysis.excitations.PAPER_STD_ACROSS_TAGS` (read
+            off the paper's plot of the 9-block SE-multi model on MTAT).
         path: also save the figure there as PNG.
 
     Returns:
@@ -260,7 +264,8 @@ def plot_loudness_scatter(
     excitations: np.ndarray,
     loudness: np.ndarray,
     *,
-    measure: str = "rms",
+    fits: Mapping[str, Any] | None = None,
+    measure: str | None = None,
     max_points: int = 5000,
     seed: int = 0,
     path: str | os.PathLike | None = None,
@@ -270,7 +275,9 @@ def plot_loudness_scatter(
     Args:
         excitations: ``(N, C)`` per-segment excitations of one block (the paper: the first).
         loudness: ``(N,)`` per-segment loudness.
-        measure: ``"rms"`` or ``"db"``, for the axis label.
+        fits: the lines to draw, :func:`~resemul_core.analysis.excitations.loudness_summary`
+            of these arrays (a summary's ``"loudness"``); omitted: computed here by it.
+        measure: ``"rms"`` or ``"db"``; default: that of ``fits``, else ``"rms"``.
         max_points: at most this many randomly chosen segments are drawn per panel; the
             regression lines always use every segment.
         seed: seed of that subsample.
@@ -282,31 +289,31 @@ def plot_loudness_scatter(
     """
     y = np.asarray(excitations, dtype=np.float64)
     x = np.asarray(loudness, dtype=np.float64)
-    regression = loudness_regression(y, x)
-    average = loudness_regression(y.mean(axis=1, keepdims=True), x).iloc[0]
-    counts = slope_counts(regression["slope"])
-    panels: list[tuple[str, np.ndarray, pd.Series]] = [
+    fits = loudness_summary(y, x, measure=measure or "rms") if fits is None else fits
+    if measure not in (None, fits["measure"]) or np.shape(y)[1:] != (fits["channels"],):
+        raise ValueError(f"fits of {fits['channels']} channels of {fits['measure']} loudness")
+    panels: list[tuple[str, np.ndarray, Mapping[str, Any]]] = [
         (
             f"average of {y.shape[1]} channels\n"
-            f"({counts['positive']} rising, {counts['negative']} falling)",
+            f"({fits['positive']} rising, {fits['negative']} falling)",
             y.mean(axis=1),
-            average,
+            fits["average"],
         )
     ]
-    for name, channel in notable_channels(regression).items():
-        panels.append(
-            (f"{name.replace('_', ' ')}: channel {channel}", y[:, channel], regression.loc[channel])
-        )
+    for name, fit in fits["notable"].items():
+        channel = fit["channel"]
+        panels.append((f"{name.replace('_', ' ')}: channel {channel}", y[:, channel], fit))
     rng = np.random.default_rng(seed)
     shown = rng.choice(len(x), size=min(max_points, len(x)), replace=False)
-    line_x = np.array([x.min(), x.max()])
+    line_x, fit_keys = np.array([x.min(), x.max()]), ("slope", "intercept", "r2")
     figure, axes = _figure(len(panels), width=3.2 * len(panels), height=3.3)
     for ax, (title, values, fit) in zip(axes, panels, strict=True):
+        slope, intercept, r2 = (math.nan if fit[k] is None else fit[k] for k in fit_keys)
         ax.scatter(x[shown], values[shown], s=4, alpha=0.3, linewidths=0)
-        ax.plot(line_x, fit["intercept"] + fit["slope"] * line_x, color="black", linewidth=1.5)
+        ax.plot(line_x, intercept + slope * line_x, color="black", linewidth=1.5)
         ax.set(
-            title=f"{title}\nslope {fit['slope']:+.3g}, r² {fit['r2']:.2f}",
-            xlabel="loudness (RMS amplitude)" if measure == "rms" else "loudness (dBFS)",
+            title=f"{title}\nslope {slope:+.3g}, r² {r2:.2f}",
+            xlabel="loudness (RMS amplitude)" if fits["measure"] == "rms" else "loudness (dBFS)",
             ylim=(0, 1),
         )
         ax.title.set_fontsize("small")
@@ -317,8 +324,9 @@ def plot_loudness_scatter(
 def excitation_figures(
     excitations: ExcitationSet,
     *,
-    loudness: str = "rms",
-    floor_db: float = DEFAULT_FLOOR_DB,
+    summary: Mapping[str, Any] | None = None,
+    loudness: str | None = None,
+    floor_db: float | None = None,
     show_tags: Sequence[str] | None = None,
     out_dir: str | os.PathLike | None = None,
 ) -> dict[str, Figure]:
@@ -326,8 +334,10 @@ def excitation_figures(
 
     Args:
         excitations: the extracted gates; its first level needs per-segment gates.
-        loudness: ``"rms"`` or ``"db"``.
-        floor_db: floor of the dB measure.
+        summary: its :func:`~resemul_core.analysis.excitations.summarize_excitations`, whose
+            std table, slope counts and lines the figures draw; omitted: computed here with
+        loudness: ``"rms"`` (default) or ``"db"``, and
+        floor_db: floor of the dB measure (default: ``DEFAULT_FLOOR_DB``).
         show_tags: tags of the per-level figure (see :func:`plot_excitations_at_levels`).
         out_dir: also save each figure there as ``<name>.png``.
 
@@ -343,22 +353,28 @@ def excitation_figures(
         between the two slope groups.
     """
     levels = excitations.levels
+    if summary is None:
+        floor_db = DEFAULT_FLOOR_DB if floor_db is None else floor_db
+        summary = summarize_excitations(excitations, loudness=loudness or "rms", floor_db=floor_db)
+    elif loudness is not None or floor_db is not None:
+        raise ValueError("pass loudness/floor_db to summarize_excitations, not with a summary")
+    fits = summary["loudness"]
+    if (fits["level"], summary["num_segments"]) != (levels[0], excitations.num_segments):
+        raise ValueError("the summary is not of these excitations (level or segment count)")
+    floor = DEFAULT_FLOOR_DB if fits.get("floor_db") is None else fits["floor_db"]
     shown_levels = list(dict.fromkeys([levels[0], levels[len(levels) // 2], levels[-1]]))
     first = excitations.segment_level(levels[0])
-    loud = excitations.loudness(loudness, floor_db=floor_db)
-    rising = slope_counts(loudness_regression(first, loud)["slope"])["positive"]
+    loud = excitations.loudness(fits["measure"], floor_db=floor)
     tags = list(excitations.tags)
     figures = {
         "excitations_at_levels": plot_excitations_at_levels(
             {k: excitations.tag_means(k) for k in shown_levels}, tags, show_tags=show_tags
         ),
         "first_block_excitations": plot_first_block_excitations(
-            excitations.tag_means(levels[0]), tags, split_at=rising
+            excitations.tag_means(levels[0]), tags, split_at=fits["positive"]
         ),
-        "std_across_tags": plot_std_across_tags(
-            std_per_level(excitations.clip, excitations.labels, levels=levels)
-        ),
-        "loudness_scatter": plot_loudness_scatter(first, loud, measure=loudness),
+        "std_across_tags": plot_std_across_tags(pd.DataFrame(summary["std_across_tags"])),
+        "loudness_scatter": plot_loudness_scatter(first, loud, fits=fits),
     }
     if out_dir is not None:
         for name, figure in figures.items():
@@ -386,7 +402,7 @@ def plot_tag_counts(
     frame = pd.DataFrame(np.asarray(labels, dtype=int), columns=list(tags))
     frame["split"] = list(splits)
     counts = frame.groupby("split").sum().T
-    counts = counts[[s for s in ("train", "valid", "test") if s in counts.columns]]
+    counts = counts[[s for s in SPLITS if s in counts.columns]]
     counts = counts.loc[counts.sum(axis=1).sort_values().index]
     figure, (ax,) = _figure(1, width=7, height=max(3.0, 0.22 * len(tags) + 1))
     left = np.zeros(len(counts))
@@ -447,8 +463,8 @@ def plot_training_curves(log: pd.DataFrame, *, path: str | os.PathLike | None = 
     """Training and validation loss per epoch, with the learning-rate stages.
 
     Args:
-        log: a run's per-epoch log (:func:`resemul_core.training.run_dir.read_log`): columns ``epoch``,
-            ``stage``, ``lr``, ``train_loss``, ``val_loss``.
+        log: a run's per-epoch log (:func:`resemul_core.training.run_dir.read_log`): columns
+            ``epoch``, ``stage``, ``lr``, ``train_loss``, ``val_loss``.
     """
     figure, (loss_ax, lr_ax) = _figure(2, width=11, height=3.4)
     loss_ax.plot(log["epoch"], log["train_loss"], marker="o", label="training")
@@ -469,8 +485,8 @@ def plot_results(table: pd.DataFrame, *, path: str | os.PathLike | None = None) 
     """Our ROC-AUC beside the paper's for every block, with and without multi-level heads.
 
     Args:
-        table: :func:`resemul_core.analysis.evaluate.results_table` output (``variant``, ``roc_auc``,
-            ``paper_roc_auc``).
+        table: :func:`resemul_core.analysis.evaluate.results_table` output (``variant``,
+            ``roc_auc``, ``paper_roc_auc``).
     """
     rows = []
     for row in table.itertuples():

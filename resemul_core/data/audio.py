@@ -2,7 +2,8 @@
 
 Public: :func:`load_audio`, :func:`segment_waveform`, :class:`AudioDecodeError`,
 :data:`AUDIO_EXTENSIONS`, :data:`SAMPLE_RATE`, :data:`SEGMENT_LENGTH`, :data:`SEGMENTS_PER_CLIP`,
-:data:`CLIP_DURATION`.
+:data:`CLIP_DURATION`; loudness: :func:`rms`, :func:`dbfs`, :data:`LOUDNESS_FLOOR_DB` (the one
+definition the store, the synthetic generator and the excitation analysis share).
 
 The official code decodes with madmom → ffmpeg (mono, 22,050 Hz, first 29 s, float in [-1, 1])
 and cuts non-overlapping 59,049-sample segments from the start, dropping the tail (SPEC §1.1).
@@ -25,10 +26,13 @@ __all__ = [
     "AUDIO_EXTENSIONS",
     "AudioDecodeError",
     "CLIP_DURATION",
+    "LOUDNESS_FLOOR_DB",
     "SAMPLE_RATE",
     "SEGMENTS_PER_CLIP",
     "SEGMENT_LENGTH",
+    "dbfs",
     "load_audio",
+    "rms",
     "segment_waveform",
 ]
 
@@ -44,6 +48,12 @@ SEGMENTS_PER_CLIP = 10
 CLIP_DURATION = 29.0
 #: File name extensions the dataset adapters accept as audio (lower case, with the dot).
 AUDIO_EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg")
+#: Floor of every dBFS loudness: quieter audio, digital silence included, reads as this value
+#: instead of -inf. -80 dBFS lies 35 dB below the quietest synthetic clip (-45 dBFS) and far
+#: below real music, yet above the int16 store's quantisation noise (about -101 dBFS RMS), so
+#: silence and near-silence read as one value instead of a spread of noise levels that would
+#: dominate a regression on dB. (The excitation analysis has always used -80; its tests pin it.)
+LOUDNESS_FLOOR_DB = -80.0
 
 # Frames decoded beyond ``duration`` so that the resampler's filter sees real signal, not an
 # artificial end, at the cut; the extra output is trimmed after resampling.
@@ -149,3 +159,36 @@ def segment_waveform(
         out[0, : waveform.shape[0]] = waveform
         return out
     return waveform[: count * segment_length].reshape(count, segment_length).astype(np.float32)
+
+
+def rms(samples: np.ndarray, axis: int | None = -1) -> np.ndarray:
+    """Root-mean-square amplitude, computed in float64: the one loudness measurement.
+
+    Args:
+        samples: audio in [-1, 1] (any float or int dtype, any shape).
+        axis: the axis to average over (``None``: all samples together, e.g. a whole clip).
+
+    Returns:
+        ``sqrt(mean(samples**2))`` over ``axis``: 0 for silence, 1 for a full-scale square
+        wave; a float64 array with ``axis`` removed (a numpy scalar for ``axis=None``).
+    """
+    return np.sqrt(np.mean(np.square(np.asarray(samples, dtype=np.float64)), axis=axis))
+
+
+def dbfs(rms: np.ndarray | float, *, floor_db: float = LOUDNESS_FLOOR_DB) -> np.ndarray:
+    """RMS amplitude in dB relative to full scale: ``max(20 log10(rms), floor_db)``.
+
+    Args:
+        rms: RMS amplitudes (see :func:`rms`), >= 0; full scale = 1 = 0 dBFS.
+        floor_db: the value of silence and of anything quieter
+            (default :data:`LOUDNESS_FLOOR_DB`).
+
+    Returns:
+        float64 of ``rms``'s shape (a numpy scalar for a scalar); exactly ``floor_db`` at and
+        below the floor, never -inf.
+    """
+    level = np.asarray(rms, dtype=np.float64)
+    if (level < 0).any() or np.isnan(level).any():
+        raise ValueError("an RMS amplitude must be >= 0")
+    with np.errstate(divide="ignore"):
+        return np.maximum(20.0 * np.log10(level), floor_db)

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from resemul_core.data.audio import AUDIO_EXTENSIONS
+from resemul_core.data.splits import MTAT_SPLIT_OF_FOLDER, mtat_split
 from resemul_core.data.store import SPLITS
 from resemul_core.data.tags import MSD_TOP50_TAGS, MTAT_TOP50_TAGS
 
@@ -61,9 +62,6 @@ _MTAT_EXPECTED = {
     "paper": {"source": (15_247, 1_529, 4_332), "store": (15_244, 1_529, 4_332)},
     "resemul": {"source": (15_250, 1_529, 4_332), "store": (15_247, 1_529, 4_332)},
 }
-_MTAT_SPLIT_OF_FOLDER = {**dict.fromkeys("0123456789ab", "train"), "c": "valid"} | dict.fromkeys(
-    "def", "test"
-)
 
 #: Where :func:`read_msd` looks for a track's audio under ``audio_dir``, in order. Fields:
 #: ``{msd_id}`` (e.g. TRAAAAK128F9318786) and ``{stem}``: the 7digital path of Choi's
@@ -240,23 +238,17 @@ def read_mtat(
     labels = matrix[:, [tag_names.index(t) for t in tags]]
 
     paths = frame["mp3_path"].str.strip()
-    folders = paths.str[:1].str.lower()
-    unknown = ~folders.isin(list(_MTAT_SPLIT_OF_FOLDER))
-    if unknown.any():
-        row = int(np.flatnonzero(unknown.to_numpy())[0])
-        raise ValueError(
-            f"{file}: row {row + 1}: mp3_path {paths.iat[row]!r} does not start with a"
-            " folder 0-9 or a-f"
-        )
+    splits = []
+    for row, path in enumerate(paths):
+        try:
+            splits.append(mtat_split(path))
+        except ValueError as err:
+            raise ValueError(f"{file}: row {row + 1}: {err}") from None
     clips = pd.DataFrame(
-        {
-            "clip_id": frame["clip_id"].str.strip(),
-            "path": paths,
-            "split": folders.map(_MTAT_SPLIT_OF_FOLDER),
-        }
+        {"clip_id": frame["clip_id"].str.strip(), "path": paths, "split": splits}, index=paths.index
     )
     audio_root = root / "mp3" if (root / "mp3").is_dir() else root
-    if not any((audio_root / c).is_dir() for c in "0123456789abcdef"):
+    if not any((audio_root / c).is_dir() for c in MTAT_SPLIT_OF_FOLDER):
         raise FileNotFoundError(f"{root}: no mp3 folders 0..f found in {root / 'mp3'} or {root}")
     no_tag = labels.sum(axis=1) == 0
     dropped = _drop(clips, no_tag, "no tag", f"none of the {len(tags)} selected tags")

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from resemul_core.data.audio import LOUDNESS_FLOOR_DB, dbfs, rms
 from resemul_core.files import atomic_write, write_json
 
 __all__ = [
@@ -393,8 +394,12 @@ def write_store_from_arrays(
     return finish_store(out, dataset=dataset, params=params, tags=tags, clips=clips, labels=labels)
 
 
-def clip_levels_db(store: SegmentStore, *, floor_db: float = -100.0) -> pd.DataFrame:
+def clip_levels_db(store: SegmentStore, *, floor_db: float = LOUDNESS_FLOOR_DB) -> pd.DataFrame:
     """Loudness of every stored clip: RMS level over its stored segments, in dBFS.
+
+    The measure is :func:`~resemul_core.data.audio.rms` over all of the clip's stored samples,
+    then :func:`~resemul_core.data.audio.dbfs`: the same as the excitation analysis' per-segment
+    loudness, with the same floor; a clip without segments reads as ``floor_db``.
 
     Returns:
         Columns ``clip_id``, ``split``, ``rms_db`` and, where the store has them, the 0/1
@@ -402,9 +407,10 @@ def clip_levels_db(store: SegmentStore, *, floor_db: float = -100.0) -> pd.DataF
     """
     levels = []
     for i in range(store.num_clips):
-        samples = store.read_clip(i).astype(np.float64)
-        rms = np.sqrt(np.mean(np.square(samples))) if samples.size else 0.0
-        levels.append(max(floor_db, 20 * np.log10(rms)) if rms > 0 else floor_db)
+        samples = store.read_clip(i)
+        levels.append(
+            float(dbfs(rms(samples, axis=None) if samples.size else 0.0, floor_db=floor_db))
+        )
     frame = store.clips[["clip_id", "split"]].copy()
     frame["rms_db"] = levels
     for tag in ("loud", "quiet"):

@@ -84,7 +84,7 @@ import math
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,8 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
+from resemul_core.data.audio import dbfs, rms
+from resemul_core.data.splits import mtat_split
 from resemul_core.files import atomic_write, write_json, write_text
 
 __all__ = ["DEFAULT_NUM_CLIPS", "SYNTH_TAGS", "PARAMS_FILE", "ensure_dataset", "generate_dataset"]
@@ -151,9 +153,6 @@ _LEAD_VOCAL_DB = 3.0  # the voice sits on top of the mix, as a lead vocal does
 # Soft limiter: identity below the knee, tanh-saturating towards the ceiling above it.
 _LIMIT_KNEE = 0.6
 _LIMIT_CEILING = 0.9
-
-_SPLIT_OF_FOLDER = {f"{d:x}": "train" for d in range(12)} | {"c": "valid"}
-_SPLIT_OF_FOLDER |= {"d": "test", "e": "test", "f": "test"}
 
 _MAJOR = (0, 2, 4, 5, 7, 9, 11)
 _MINOR = (0, 2, 3, 5, 7, 8, 10)
@@ -299,7 +298,7 @@ def _band_noise(rng: np.random.Generator, n: int, sr: int, low: float, high: flo
     freqs = np.fft.rfftfreq(n, 1.0 / sr)
     spec[(freqs < low) | (freqs > high)] = 0.0
     out = np.fft.irfft(spec, n)
-    return out / (np.sqrt(np.mean(out**2)) + 1e-12)
+    return out / (rms(out) + 1e-12)
 
 
 def _vibrato(n: int, sr: int, rate: float, depth: float, phase: float, onset: float) -> np.ndarray:
@@ -581,9 +580,9 @@ def _render(spec: _Spec, seed: np.random.SeedSequence, sr: int, n: int) -> np.nd
             part = _part(name, spec, score, rng)
             gain_db = rng.uniform(*_MIX_GAIN_DB) + (_LEAD_VOCAL_DB if name == "voice" else 0.0)
             gain = 10.0 ** (gain_db / 20.0)
-            mix += gain * part / (np.sqrt(np.mean(part**2)) + 1e-12)
+            mix += gain * part / (rms(part) + 1e-12)
     _fade(mix, sr, attack=0.005, release=0.005)  # no click where the last notes are cut
-    mix *= 10.0 ** (spec.level_db / 20.0) / (np.sqrt(np.mean(mix**2)) + 1e-12)
+    mix *= 10.0 ** (spec.level_db / 20.0) / (rms(mix) + 1e-12)
     over = np.abs(mix) > _LIMIT_KNEE
     if over.any():
         room = _LIMIT_CEILING - _LIMIT_KNEE
@@ -601,18 +600,18 @@ def _write_clip(job: tuple[_Clip, str, int, int]) -> tuple[int, float, float]:
     sf.write(buffer, audio, sr, format="MP3")
     with atomic_write(path) as handle:
         handle.write(buffer.getvalue())
-    rms_db = 20.0 * math.log10(float(np.sqrt(np.mean(audio.astype(float) ** 2))) + 1e-12)
-    return clip.clip_id, rms_db, float(np.abs(audio).max())
+    return clip.clip_id, float(dbfs(rms(audio))), float(np.abs(audio).max())
 
 
-def _annotations(clips: list[_Clip]) -> str:
-    """The CSV text: MTAT's tab-separated, fully quoted layout."""
+def _annotations(rows: Iterable[tuple[int, Iterable[str], str]]) -> str:
+    """The CSV text of ``(clip_id, tags, mp3_path)`` rows: MTAT's tab-separated, fully quoted
+    layout (also :mod:`resemul_core.data.synth_release`'s)."""
     text = io.StringIO()
     writer = csv.writer(text, delimiter="\t", quoting=csv.QUOTE_ALL, lineterminator="\n")
     writer.writerow(["clip_id", *SYNTH_TAGS, "mp3_path"])
-    for clip in clips:
-        tags = set(clip.spec.tags)
-        writer.writerow([clip.clip_id, *(int(t in tags) for t in SYNTH_TAGS), clip.mp3_path])
+    for clip_id, tags, mp3_path in rows:
+        on = set(tags)
+        writer.writerow([clip_id, *(int(t in on) for t in SYNTH_TAGS), mp3_path])
     return text.getvalue()
 
 
@@ -690,11 +689,11 @@ def generate_dataset(
         if stale not in wanted:
             stale.unlink()
             logger.info("removed %s, not part of this dataset", stale)
-    levels = [rms for _, rms, _ in results]
+    levels = [level for _, level, _ in results]
     splits = {"train": 0, "valid": 0, "test": 0}
     tag_counts = dict.fromkeys(SYNTH_TAGS, 0)
     for clip in clips:
-        splits[_SPLIT_OF_FOLDER[clip.mp3_path[0]]] += 1
+        splits[mtat_split(clip.mp3_path)] += 1
         for tag in clip.spec.tags:
             tag_counts[tag] += 1
     summary = {
@@ -713,7 +712,8 @@ def generate_dataset(
         "duration": duration,
     }
     write_json(root / PARAMS_FILE, {"params": params, "summary": summary})
-    write_text(csv_path, _annotations(clips))  # last: its presence marks a complete dataset
+    rows = ((clip.clip_id, clip.spec.tags, clip.mp3_path) for clip in clips)
+    write_text(csv_path, _annotations(rows))  # last: its presence marks a complete dataset
     logger.info("wrote %d clips (%s) in %.1f s", num_clips, splits, summary["seconds"])
     return summary
 

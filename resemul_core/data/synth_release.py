@@ -46,7 +46,6 @@ files whatever ``workers`` is.
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import dataclasses
 import io
 import logging
@@ -65,6 +64,8 @@ from tqdm import tqdm
 
 from resemul_core.data import synth
 from resemul_core.data.sources import _MTAT_EXPECTED, MTAT_KNOWN_BROKEN
+from resemul_core.data.splits import MTAT_SPLIT_OF_FOLDER, mtat_folders
+from resemul_core.data.store import SPLITS as _SPLITS
 from resemul_core.files import write_json, write_text
 
 __all__ = [
@@ -86,8 +87,6 @@ DEFAULT_BANK_SIZE = 1024
 GAIN_STEP_DB = 5.0 * math.log10(2.0)
 _MAX_STEPS = 21  # 21 steps below -13 dBFS = -44.6 dBFS, the synthetic range's bottom
 
-_SPLITS = ("train", "valid", "test")
-_FOLDERS = {"train": "0123456789ab", "valid": "c", "test": "def"}
 # Clips per split that have a top-50 tag on the real data: (train, valid, test).
 _MTAT_TAGGED: tuple[int, int, int] = _MTAT_EXPECTED["resemul"]["source"]
 _SHORT_FRACTIONS = (0.80, 0.85, 0.90)  # of ``duration``: MTAT's three short clips
@@ -180,7 +179,7 @@ def _names(num_clips: int, rng: np.random.Generator) -> list[tuple[int, str, str
     rows_per_split = _apportion(num_clips, _MTAT_TAGGED)
     folder_rows: dict[str, int] = {}
     for split, rows in zip(_SPLITS, rows_per_split, strict=True):
-        folders = _FOLDERS[split]
+        folders = mtat_folders(split)
         for folder, count in zip(folders, _apportion(rows, [1] * len(folders)), strict=True):
             folder_rows[folder] = count
     albums = [
@@ -189,7 +188,6 @@ def _names(num_clips: int, rng: np.random.Generator) -> list[tuple[int, str, str
         for start in range(0, count, _CLIPS_PER_ALBUM)
     ]
     number = rng.permutation(len(albums))  # album numbers do not follow the folders
-    split_of = {f: s for s, folders in _FOLDERS.items() for f in folders}
     out = []
     for (folder, _, size), album in zip(albums, number, strict=True):
         for j in range(size):
@@ -198,7 +196,7 @@ def _names(num_clips: int, rng: np.random.Generator) -> list[tuple[int, str, str
                 f"synthetic_artist_{album:03d}-synthetic_album_{album:03d}-{track:02d}"
                 f"-track_{track:02d}-{29 * part}-{29 * part + 29}.mp3"
             )
-            out.append((int(album), f"{folder}/{name}", split_of[folder]))
+            out.append((int(album), f"{folder}/{name}", MTAT_SPLIT_OF_FOLDER[folder]))
     out.sort(key=lambda row: row[0])  # stable: tracks and clips stay in order in an album
     return out
 
@@ -294,17 +292,6 @@ def _write_bank_clip(job: tuple[Any, ...]) -> tuple[int, float]:
     return len(variants), float(np.abs(audio).max())
 
 
-def _annotations(rows: Sequence[_Row]) -> str:
-    """The CSV text: MTAT's tab-separated, fully quoted layout."""
-    text = io.StringIO()
-    writer = csv.writer(text, delimiter="\t", quoting=csv.QUOTE_ALL, lineterminator="\n")
-    writer.writerow(["clip_id", *synth.SYNTH_TAGS, "mp3_path"])
-    for row in rows:
-        tags = set(row.tags)
-        writer.writerow([row.clip_id, *(int(t in tags) for t in synth.SYNTH_TAGS), row.mp3_path])
-    return text.getvalue()
-
-
 def _expected_counts(rows: Sequence[_Row], duration: float) -> dict[str, dict[str, list[int]]]:
     """(train, valid, test) clips after read_mtat and in the store, per split policy."""
 
@@ -386,7 +373,7 @@ def generate_release(
     rows, bank = _plan_release(num_clips, seed, bank_size, duration, quirks)
     csv_path = root / "annotations_final.csv"
     csv_path.unlink(missing_ok=True)  # until the new one is written, the folder is incomplete
-    for folder in "0123456789abcdef":
+    for folder in MTAT_SPLIT_OF_FOLDER:
         (root / "mp3" / folder).mkdir(parents=True, exist_ok=True)
     variants: list[list[tuple[str, int, float]]] = [[] for _ in bank]
     for row in rows:
@@ -444,7 +431,8 @@ def generate_release(
     }
     params = _params(num_clips, bank_size, seed, sample_rate, duration, quirks)
     write_json(root / synth.PARAMS_FILE, {"params": params, "summary": summary})
-    write_text(csv_path, _annotations(rows))  # last: its presence marks a complete release
+    csv_text = synth._annotations((row.clip_id, row.tags, row.mp3_path) for row in rows)
+    write_text(csv_path, csv_text)  # last: its presence marks a complete release
     logger.info("wrote %d clips in %.1f s", num_clips, summary["seconds"])
     return summary
 

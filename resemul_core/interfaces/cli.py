@@ -11,6 +11,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from resemul_core.config import PRECISIONS
+
 __all__ = ["main", "build_parser"]
 
 
@@ -39,7 +41,7 @@ def _print_table(rows: list[dict], columns: Sequence[str]) -> None:
         )
 
 
-# --- models (issue 2) -------------------------------------------------------------------
+# --- models ------------------------------------------------------------------------------
 
 
 def add_model_commands(sub: argparse._SubParsersAction) -> None:
@@ -58,7 +60,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- excitations (issue 5) ---------------------------------------------------------------
+# --- excitations -------------------------------------------------------------------------
 
 
 def add_excitation_commands(sub: argparse._SubParsersAction) -> None:
@@ -70,8 +72,8 @@ def add_excitation_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="run directory or .pt file")
     p.add_argument("--data", required=True, metavar="STORE", help="segment store directory")
     p.add_argument("--split", default="test", help="split to analyse (default: test)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: RUN/excitations)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=64, help="segments per forward pass")
     p.add_argument(
         "--loudness",
@@ -91,40 +93,21 @@ def add_excitation_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_excitations(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from resemul_core.interfaces.pipeline import analyse_excitations
 
-    from resemul_core.analysis.excitations import (
-        extract_excitations,
-        require_se,
-        save_excitations,
-        summarize_excitations,
-    )
-    from resemul_core.analysis.plots import excitation_figures
-    from resemul_core.data.store import open_store
-    from resemul_core.files import write_json
-    from resemul_core.training.run_dir import load_model, resolve_checkpoint
-
-    model, _ = load_model(args.source)
-    require_se(model.config)  # before the store is read
-    store = open_store(args.data)
-    result = extract_excitations(
-        model,
-        store,
+    analysis = analyse_excitations(
+        args.source,
+        args.data,
+        out=args.out,
         split=args.split,
-        batch_size=args.batch_size,
         device=args.device,
+        loudness=args.loudness,
         segment_levels=args.segment_levels,
+        batch_size=args.batch_size,
+        tags=[t.strip() for t in args.tags.split(",")] if args.tags else None,
         progress=not args.no_progress,
     )
-    out = Path(args.out)
-    save_excitations(out / "excitations.npz", result)
-    summary = summarize_excitations(result, loudness=args.loudness)
-    summary["checkpoint"] = str(resolve_checkpoint(args.source))
-    summary["store"] = str(args.data)
-    write_json(out / "summary.json", summary)
-    tags = [t.strip() for t in args.tags.split(",")] if args.tags else None
-    figures = excitation_figures(result, loudness=args.loudness, show_tags=tags, out_dir=out)
-
+    summary, out = analysis.summary, analysis.out
     print(
         f"{summary['variant']} on {summary['split']}: {summary['num_clips']:,} clips, "
         f"{summary['num_segments']:,} segments, {summary['num_tags']} tags"
@@ -145,12 +128,12 @@ def _cmd_excitations(args: argparse.Namespace) -> int:
     print(f"  {loud['convention']}")
     print(
         f"wrote {out / 'excitations.npz'}, {out / 'summary.json'} and "
-        f"{len(figures)} figures to {out}"
+        f"{len(analysis.figures)} figures to {out}"
     )
     return 0
 
 
-# --- data (issue 3) ----------------------------------------------------------------------
+# --- data --------------------------------------------------------------------------------
 
 
 def add_data_commands(sub: argparse._SubParsersAction) -> None:
@@ -158,8 +141,12 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
     p = actions.add_parser("prepare", help="decode a dataset into a segment store (resumable)")
-    p.add_argument("--dataset", required=True, choices=["mtat", "msd", "table"])
-    p.add_argument("--root", required=True, help="MTAT or MSD folder; the table file for 'table'")
+    p.add_argument("--dataset", required=True, choices=["synth", "mtat", "msd", "table"])
+    p.add_argument(
+        "--root",
+        required=True,
+        help="MTAT or MSD folder; the table file for 'table'; for 'synth' where to write it",
+    )
     p.add_argument("--out", required=True, help="store directory (rerun to resume)")
     p.add_argument(
         "--split-policy",
@@ -189,7 +176,9 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tags-column", help="column of tag lists such as 'rock;guitar'")
     g.add_argument("--tag-separator", default=";", help="separator in --tags-column (;)")
     g.add_argument("--fractions", default="0.8,0.1,0.1", help="random split train,valid,test")
-    g.add_argument("--seed", type=int, default=0, help="random split seed (0)")
+    g = p.add_argument_group("synth and table")
+    g.add_argument("--seed", type=int, default=0, help="synthetic data or random split seed (0)")
+    g.add_argument("--clips", type=int, help="synth: number of clips (512)")
     p.set_defaults(func=_cmd_data_prepare)
 
     p = actions.add_parser("info", help="summarise a segment store")
@@ -215,13 +204,11 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
-    from resemul_core.data.prepare import prepare_store, store_summary
-    from resemul_core.data.sources import read_source
+    from resemul_core.data.prepare import store_summary
+    from resemul_core.interfaces.pipeline import prepare
 
     options: dict = {}
     if args.dataset == "table":
-        if args.split_policy is not None:
-            raise ValueError("--split-policy applies to --dataset mtat and msd only")
         options = {
             "path_column": args.path_column,
             "id_column": args.id_column,
@@ -229,30 +216,33 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
             "tags_column": args.tags_column,
             "tag_separator": args.tag_separator,
             "fractions": [float(f) for f in args.fractions.split(",")],
-            "seed": args.seed,
         }
         if args.tag_columns:
             options["tag_columns"] = [c.strip() for c in args.tag_columns.split(",")]
-    else:
-        options["split_policy"] = args.split_policy or "paper"
-        if args.dataset == "mtat":
-            options["top_k"] = args.top_k
-        elif args.audio_dir:
-            options["audio_dir"] = args.audio_dir
+    elif args.dataset == "mtat":
+        options["top_k"] = args.top_k
+    elif args.dataset == "msd" and args.audio_dir:
+        options["audio_dir"] = args.audio_dir
     if args.min_duration is not None:
         options["min_duration"] = args.min_duration
-    source = read_source(args.dataset, args.root, **options)
     try:
-        store = prepare_store(
-            source,
+        store = prepare(
+            args.dataset,
+            args.root,
             args.out,
-            sample_rate=args.sample_rate,
-            segment_length=args.segment_length,
-            segments_per_clip=args.segments_per_clip,
-            clip_duration=args.clip_duration,
+            split_policy=args.split_policy,
+            seed=args.seed,
+            synth_clips=args.clips,
             workers=args.workers,
-            progress=not args.no_progress,
             overwrite=args.overwrite,
+            progress=not args.no_progress,
+            audio={
+                "sample_rate": args.sample_rate,
+                "segment_length": args.segment_length,
+                "segments_per_clip": args.segments_per_clip,
+                "clip_duration": args.clip_duration,
+            },
+            **options,
         )
     except KeyboardInterrupt:
         print(f"interrupted; run the same command again to resume {args.out}", file=sys.stderr)
@@ -325,30 +315,40 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- training, evaluation, tagging (issue 4) ---------------------------------------------
+# --- training, evaluation, tagging -------------------------------------------------------
 
 
 def add_train_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a variant on a segment store (resumable)")
+    p = sub.add_parser(
+        "train",
+        help="train a variant on a segment store (continues a run already in --out)",
+        description="Settings are resolved once: the paper's defaults, the --profile's table, "
+        "the flags and --set overrides, then the store's tags and segment length. "
+        "Any setting can be given with --set KEY=VALUE; the valid keys are: "
+        + ", ".join(_setting_names()),
+    )
     p.add_argument("--variant", help="e.g. rese2-multi (see 'resemul models'); fresh runs only")
     p.add_argument("--data", required=True, help="segment store directory")
     p.add_argument("--out", required=True, help="run directory (checkpoints, log.csv)")
     p.add_argument(
         "--profile",
-        help="paper | demo | gpu | tiny (default: paper, or the saved one on --resume)",
+        help="paper | demo | gpu | tiny (default: paper; a resumed run keeps its own)",
     )
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume",
+        action="store_true",
+        help="require a run in --out to continue (by default one is continued if present)",
+    )
+    resume.add_argument("--overwrite", action="store_true", help="replace a run in --out")
     p.add_argument("--max-steps", type=int, help="stop (resumably) after N steps of this call")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g = p.add_argument_group("overrides of the profile's settings")
-    g.add_argument("--seed", type=int, help="random seed")
+    g = p.add_argument_group("everyday settings (shortcuts for --set)")
+    g.add_argument("--seed", type=int, help="seeds weights, data order and dropout")
+    g.add_argument("--width", type=float, help="channel multiplier (1.0 = paper)")
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    g.add_argument(
-        "--precision",
-        choices=("fp32", "tf32", "bf16"),
-        help="fp32 (paper profile, the paper's), tf32, or bf16 autocast (demo/tiny profiles)",
-    )
+    g.add_argument("--precision", choices=PRECISIONS, help="fp32 (the paper's), tf32 or bf16")
+    g.add_argument("--workers", type=int, help="DataLoader worker processes")
     g.add_argument(
         "--compile",
         action="store_true",
@@ -356,31 +356,18 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
         help="torch.compile forward + backward (CUDA graphs on one GPU)",
     )
     g.add_argument(
-        "--deterministic",
-        action="store_true",
-        default=None,
-        help="deterministic CUDA kernels, no autotuning: bitwise-reproducible, slower",
-    )
-    g.add_argument("--workers", type=int, help="DataLoader worker processes")
-    g.add_argument(
         "--data-on-device",
         action="store_true",
         default=None,
         help="hold the training split on the GPU as int16 (MTAT: 18 GB)",
     )
     g.add_argument(
-        "--no-sync-bn",
-        action="store_true",
-        help="under torchrun: BatchNorm per rank, not over the global batch (faster)",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any setting, e.g. --set num_stages=2 --set sync_bn=false (repeatable)",
     )
-    g.add_argument("--checkpoint-every", type=int, help="steps between resume checkpoints")
-    g.add_argument("--lr", type=float, help="first stage's learning rate")
-    g.add_argument("--batch-size", type=int, help="segments per step")
-    g.add_argument("--stages", type=int, help="number of learning-rate stages")
-    g.add_argument("--max-epochs", type=int, help="epochs per stage at most")
-    g.add_argument("--steps-per-epoch", type=int, help="cap on optimizer steps per epoch")
-    g.add_argument("--val-segments", type=int, help="validate on the first N segments")
-    g.add_argument("--width", type=float, help="channel multiplier (1.0 = paper)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="clip-level ROC-AUC and PR-AUC of a trained model")
@@ -409,55 +396,41 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_tag)
 
 
+def _setting_names() -> list[str]:
+    from resemul_core.profiles import setting_names
+
+    return [name.partition(".")[2] for name in setting_names()]
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
     import os
 
-    from resemul_core.config import PROFILES
-    from resemul_core.training.loop import train
-    from resemul_core.training.state import TrainingDiverged, saved_train_config
+    from resemul_core.interfaces.pipeline import fit
+    from resemul_core.profiles import parse_overrides
+    from resemul_core.training.state import TrainingDiverged
 
-    overrides = {
+    shortcuts = {
         "seed": args.seed,
+        "width": args.width,
         "device": args.device,
-        "compile": args.compile,
         "precision": args.precision,
-        "deterministic": args.deterministic,
         "num_workers": args.workers,
+        "compile": args.compile,
         "data_on_device": args.data_on_device,
-        "sync_bn": False if args.no_sync_bn else None,
-        "checkpoint_every": args.checkpoint_every,
-        "learning_rate": args.lr,
-        "batch_size": args.batch_size,
-        "num_stages": args.stages,
-        "max_epochs_per_stage": args.max_epochs,
-        "max_steps_per_epoch": args.steps_per_epoch,
-        "val_segments": args.val_segments,
     }
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    model_options = {"width": args.width} if args.width is not None else {}
-    if args.profile is not None and args.profile not in PROFILES:
-        raise ValueError(f"unknown profile {args.profile!r}; valid: {', '.join(PROFILES)}")
-    if args.resume and args.profile is None:
-        config = dataclasses.replace(saved_train_config(args.out), **overrides)
-    else:
-        profile = PROFILES[args.profile or "paper"]
-        config = dataclasses.replace(profile.config, **overrides)
-        if not args.resume:
-            model_options = {**profile.model, **model_options}
-    if not args.resume and args.variant is None:
-        raise ValueError("--variant is required for a fresh run")
+    overrides = {k: v for k, v in shortcuts.items() if v is not None}
+    overrides.update(parse_overrides(args.set))
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 logs and reports
     if rank > 0:
         logging.getLogger("resemul_core").setLevel(logging.WARNING)
     try:
-        result = train(
+        run = fit(
             args.data,
             args.out,
             variant=args.variant,
-            config=config,
-            model_options=model_options,
-            resume=args.resume,
+            profile=args.profile,
+            overrides=overrides,
+            resume=True if args.resume else "auto",
             overwrite=args.overwrite,
             max_steps=args.max_steps,
             progress=not args.no_progress,
@@ -467,8 +440,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 1
     if rank > 0:
         return 0
-    state = "finished" if result.finished else "stopped (continue with --resume)"
+    result = run.result
+    state = "finished" if result.finished else "stopped (run the same command to continue)"
     print(f"run          {result.run_dir}  ({state})")
+    print(f"variant      {run.config.variant}  on {run.device}")
     print(f"model        {result.best_checkpoint}")
     print(f"val loss     {result.best_val_loss:.4f}")
     print(f"epochs       {result.epochs}  ({result.global_step:,} steps)")
@@ -476,22 +451,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from resemul_core.interfaces.pipeline import evaluate
 
-    from resemul_core.analysis.evaluate import evaluate_checkpoint, write_metrics
-
-    result = evaluate_checkpoint(
+    result = evaluate(
         args.checkpoint,
         args.data,
         split=args.split,
+        out=args.out,
         device=args.device,
         clips_per_batch=args.clips_per_batch,
         num_workers=args.workers,
         progress=not args.no_progress,
     )
-    target = Path(args.checkpoint)
-    out = Path(args.out) if args.out else (target if target.is_dir() else target.parent)
-    path = write_metrics(result, out)
     print(f"checkpoint   {result['checkpoint']}  ({result['variant']})")
     print(f"data         {result['store']}  split {result['split']}, {result['num_clips']:,} clips")
     roc, pr = ("n/a" if result[k] is None else f"{result[k]:.4f}" for k in ("roc_auc", "pr_auc"))
@@ -499,7 +470,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"PR-AUC       {pr}")
     if result["excluded_tags"]:
         print("excluded     " + ", ".join(result["excluded_tags"]) + "  (no positive/negative)")
-    print(f"written      {path}")
+    print(f"written      {result['metrics_path']}")
     if args.per_tag:
         rows = [{"tag": tag, **values} for tag, values in result["per_tag"].items()]
         print()
@@ -537,7 +508,7 @@ def _cmd_tag(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-# --- Keras import (issue 8) ------------------------------------------------------------
+# --- Keras import ------------------------------------------------------------------------
 
 
 def add_keras_commands(sub: argparse._SubParsersAction) -> None:

@@ -3,9 +3,11 @@
 Public: :class:`Tagger`.
 
 New audio goes through exactly the path the training data went through
-(:func:`~resemul_core.data.audio.load_audio` then :func:`~resemul_core.data.audio.segment_waveform`),
-with the sample rate, segment length and segments per clip recorded in the checkpoint, and
-the clip-level prediction is the mean of the segments' sigmoid outputs (SPEC §3, test protocol).
+(:func:`~resemul_core.data.audio.load_audio` then
+:func:`~resemul_core.data.audio.segment_waveform`), with the sample rate, segment length and
+segments per clip recorded in the checkpoint, and the clip-level prediction is the mean of the
+segments' sigmoid outputs (SPEC §3, test protocol): the forward loop and the clip average are
+:mod:`resemul_core.model.inference`'s.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import torch
 
 from resemul_core.data.audio import SAMPLE_RATE, SEGMENTS_PER_CLIP, load_audio, segment_waveform
 from resemul_core.data.store import SegmentStore
+from resemul_core.model.inference import clip_average, run_model
 from resemul_core.model.sample_cnn import SampleCNN
-from resemul_core.runtime import configure_backends, select_device
+from resemul_core.runtime import select_device
 from resemul_core.training.run_dir import load_model
 
 __all__ = ["Tagger", "tag_store_clips"]
@@ -43,7 +46,8 @@ class Tagger:
             (10 for MTAT); ``None`` uses every whole segment of the file.
         duration: seconds decoded from the start of a file; ``None`` decodes what
             ``segments_per_clip`` needs (the whole file if that is ``None``).
-        device: where to run the model.
+        device: where to run the model: a ``torch.device`` or a name for
+            :func:`~resemul_core.runtime.select_device` ("auto", "cpu", "cuda", ...).
         batch_size: segments per forward pass.
 
     Note:
@@ -69,8 +73,7 @@ class Tagger:
             )
         if segments_per_clip is not None and segments_per_clip < 1:
             raise ValueError(f"segments_per_clip must be >= 1 or None, got {segments_per_clip}")
-        self.device = torch.device(device)
-        configure_backends(self.device, "fp32")  # float32 as in evaluation: no TF32 on CUDA
+        self.device = select_device(str(device))
         self.model = model.to(self.device).eval()
         self.tags = list(tags)
         self.sample_rate = int(sample_rate)
@@ -150,16 +153,19 @@ class Tagger:
             pad=True,
         )
 
-    @torch.no_grad()
     def predict(self, audio: str | os.PathLike | np.ndarray | torch.Tensor) -> np.ndarray:
         """Tag probabilities of some audio: ``(num_tags,)`` float32, the mean over its segments
-        of the sigmoid outputs. ``audio`` as in :meth:`segments`."""
+        of the sigmoid outputs, computed in float32 (as in evaluation). ``audio`` as in
+        :meth:`segments`."""
         segments = torch.from_numpy(self.segments(audio))  # S, L
-        probs = []
-        for batch in torch.split(segments, self.batch_size):
-            logits = self.model(batch.to(self.device))  # s, T
-            probs.append(torch.sigmoid(logits.float()).cpu())
-        return torch.cat(probs).mean(dim=0).numpy()  # T
+        batches = torch.split(segments, self.batch_size)
+        probs = torch.cat(
+            [
+                torch.sigmoid(out.logits).cpu()  # s, T
+                for out in run_model(self.model, batches, device=self.device, precision="fp32")
+            ]
+        )  # S, T
+        return clip_average(probs, [len(probs)])[0].numpy()  # T
 
     def tag(
         self, audio: str | os.PathLike | np.ndarray | torch.Tensor, *, top_k: int | None = 5

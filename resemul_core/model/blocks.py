@@ -1,11 +1,17 @@
 """Building blocks of the sample-level CNNs (Kim, Lee & Nam, ICASSP 2018, SPEC §2.2).
 
-Public: :class:`SqueezeExcitation`, :class:`BasicBlock`, :class:`ResidualBlock`.
+Public: :class:`Stem`, :class:`SqueezeExcitation`, :class:`BasicBlock`, :class:`Shortcut`,
+:class:`ResidualBlock`, :class:`Head`.
 
-Shape legend: B = batch, C = channels, T = time steps (samples at the stem's rate).
-Every block maps ``(B, C_in, T)`` to ``(B, C_out, T // 3)`` and returns a pair
-``(output, excitation)`` where ``excitation`` is the SE gate ``(B, C_out)`` or ``None``
+Shape legend: B = batch, C = channels, T = time steps (samples at the stem's rate), F =
+pooled features. Every block maps ``(B, C_in, T)`` to ``(B, C_out, T // 3)`` and returns a
+pair ``(output, excitation)`` where ``excitation`` is the SE gate ``(B, C_out)`` or ``None``
 for blocks without squeeze-and-excitation.
+
+Every layer with weights is a named attribute (``stem.conv``, ``blocks.3.conv1``,
+``blocks.2.shortcut.bn``, ``head.fc2``, ...), so ``state_dict`` keys and the Keras importer
+address layers by name. Attributes are registered in the order the layers are built and
+initialised; changing that order changes the weights a seed gives.
 """
 
 from __future__ import annotations
@@ -15,7 +21,15 @@ from torch import nn
 
 from resemul_core.config import KERAS_BN_EPS, KERAS_BN_MOMENTUM
 
-__all__ = ["SqueezeExcitation", "BasicBlock", "ResidualBlock", "batch_norm"]
+__all__ = [
+    "Stem",
+    "SqueezeExcitation",
+    "BasicBlock",
+    "Shortcut",
+    "ResidualBlock",
+    "Head",
+    "batch_norm",
+]
 
 
 def batch_norm(
@@ -33,6 +47,29 @@ def batch_norm(
 def conv3(c_in: int, c_out: int) -> nn.Conv1d:
     """Kernel-3, stride-1, 'same'-padded convolution with bias, as in every block."""
     return nn.Conv1d(c_in, c_out, kernel_size=3, stride=1, padding=1, bias=True)
+
+
+class Stem(nn.Module):
+    """The strided first layer: Conv(k3, stride 3, no padding) -> BN -> ReLU.
+
+    Args:
+        width: output channels (128 at the paper's width).
+        bn_eps: BatchNorm epsilon.
+        bn_momentum: BatchNorm momentum (PyTorch convention).
+
+    Shapes:
+        ``(B, 1, L)`` -> ``(B, width, L // 3)``.
+    """
+
+    def __init__(
+        self, width: int, *, bn_eps: float = KERAS_BN_EPS, bn_momentum: float = KERAS_BN_MOMENTUM
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, width, kernel_size=3, stride=3, padding=0, bias=True)
+        self.bn = batch_norm(width, eps=bn_eps, momentum=bn_momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)))  # B, width, L/3
 
 
 class SqueezeExcitation(nn.Module):
@@ -100,13 +137,44 @@ class BasicBlock(nn.Module):
         return out * gate.unsqueeze(-1), gate
 
 
+class Shortcut(nn.Module):
+    """The projection shortcut of a residual block that changes width: 1x1 Conv -> BN.
+
+    Args:
+        c_in: input channels.
+        c_out: output channels.
+        bn_eps: BatchNorm epsilon.
+        bn_momentum: BatchNorm momentum (PyTorch convention).
+
+    Shapes:
+        ``(B, c_in, T)`` -> ``(B, c_out, T)``.
+    """
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        *,
+        bn_eps: float = KERAS_BN_EPS,
+        bn_momentum: float = KERAS_BN_MOMENTUM,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel_size=1, bias=True)
+        self.bn = batch_norm(c_out, eps=bn_eps, momentum=bn_momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))  # B, C_out, T
+
+
 class ResidualBlock(nn.Module):
     """Res-n / ReSE-n: a residual unit with one or two convolutions, then MaxPool(3).
 
-    Main path for ``num_convs = 2``: Conv -> BN -> ReLU -> Dropout -> Conv -> BN; for
-    ``num_convs = 1``: Conv -> BN. With ``se_alpha`` set (ReSE), the main path is scaled by
-    its SE gate after its last BN and before the addition. The shortcut is the identity
-    when the width is unchanged, else a 1x1 convolution + BN (no ReLU). Output:
+    Main path for ``num_convs = 2``: Conv -> BN -> ReLU -> Dropout -> Conv -> BN
+    (``conv1``, ``bn1``, ``dropout``, ``conv2``, ``bn2``); for ``num_convs = 1``: Conv -> BN
+    (``conv1``, ``bn1``; ``dropout``, ``conv2`` and ``bn2`` are ``None``). With ``se_alpha``
+    set (ReSE), the main path is scaled by its SE gate after its last BN and before the
+    addition. The shortcut is the identity (``shortcut`` is ``None``) when the width is
+    unchanged, else a :class:`Shortcut`, a 1x1 convolution + BN (no ReLU). Output:
     ``MaxPool(ReLU(shortcut + main))`` (SPEC §2.2).
 
     Args:
@@ -141,35 +209,70 @@ class ResidualBlock(nn.Module):
         super().__init__()
         if num_convs not in (1, 2):
             raise ValueError(f"num_convs must be 1 or 2, got {num_convs}")
-        layers: list[nn.Module] = []
+        self.num_convs = num_convs
+        # Registration order = construction and initialisation order: main path, SE, shortcut.
+        self.conv1 = conv3(c_in, c_out)
+        self.bn1 = batch_norm(c_out, eps=bn_eps, momentum=bn_momentum)
+        self.dropout: nn.Dropout | None = None
+        self.conv2: nn.Conv1d | None = None
+        self.bn2: nn.BatchNorm1d | None = None
         if num_convs == 2:
-            layers += [
-                conv3(c_in, c_out),
-                batch_norm(c_out, eps=bn_eps, momentum=bn_momentum),
-                nn.ReLU(),
-                nn.Dropout(dropout),
-            ]
-        layers += [
-            conv3(c_out if num_convs == 2 else c_in, c_out),
-            batch_norm(c_out, eps=bn_eps, momentum=bn_momentum),
-        ]
-        self.main = nn.Sequential(*layers)
+            self.dropout = nn.Dropout(dropout)
+            self.conv2 = conv3(c_out, c_out)
+            self.bn2 = batch_norm(c_out, eps=bn_eps, momentum=bn_momentum)
         self.se = SqueezeExcitation(c_out, alpha=se_alpha) if se_alpha is not None else None
-        self.shortcut: nn.Module
-        if c_in == c_out:
-            self.shortcut = nn.Identity()
-        else:
-            self.shortcut = nn.Sequential(
-                nn.Conv1d(c_in, c_out, kernel_size=1, bias=True),
-                batch_norm(c_out, eps=bn_eps, momentum=bn_momentum),
-            )
+        self.shortcut = (
+            Shortcut(c_in, c_out, bn_eps=bn_eps, bn_momentum=bn_momentum) if c_in != c_out else None
+        )
         self.pool = nn.MaxPool1d(3)
 
+    def main_path(self, x: torch.Tensor) -> torch.Tensor:
+        """The main path before the SE gate: ``(B, c_in, T)`` -> ``(B, c_out, T)``."""
+        h = self.bn1(self.conv1(x))  # B, C_out, T
+        if self.conv2 is None or self.bn2 is None or self.dropout is None:
+            return h
+        return self.bn2(self.conv2(self.dropout(torch.relu(h))))  # B, C_out, T
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        main = self.main(x)  # B, C_out, T
+        main = self.main_path(x)  # B, C_out, T
         gate = None
         if self.se is not None:
             gate = self.se(main)  # B, C_out
             main = main * gate.unsqueeze(-1)
-        out = self.pool(torch.relu(self.shortcut(x) + main))  # B, C_out, T/3
+        shortcut = x if self.shortcut is None else self.shortcut(x)  # B, C_out, T
+        out = self.pool(torch.relu(shortcut + main))  # B, C_out, T/3
         return out, gate
+
+
+class Head(nn.Module):
+    """The classifier: Linear -> BN -> ReLU -> Dropout -> Linear, giving tag logits.
+
+    Args:
+        features: F, the pooled feature size (and the hidden layer's size).
+        num_tags: number of output tags.
+        dropout: dropout before the output layer (0.5 in the paper).
+        bn_eps: BatchNorm epsilon.
+        bn_momentum: BatchNorm momentum (PyTorch convention).
+
+    Shapes:
+        ``(B, F)`` -> ``(B, num_tags)``.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        num_tags: int,
+        *,
+        dropout: float = 0.5,
+        bn_eps: float = KERAS_BN_EPS,
+        bn_momentum: float = KERAS_BN_MOMENTUM,
+    ) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(features, features)
+        self.bn = batch_norm(features, eps=bn_eps, momentum=bn_momentum)
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(features, num_tags)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(torch.relu(self.bn(self.fc1(features))))  # B, F
+        return self.fc2(hidden)  # B, num_tags

@@ -1,19 +1,26 @@
 """Checkpoints: one self-describing file per model, loadable with ``weights_only=True``.
 
 Public: :func:`save_checkpoint`, :func:`read_checkpoint`, :func:`load_checkpoint`,
-:class:`CheckpointError`.
+:func:`upgrade_state_dict`, :class:`CheckpointError`.
 
 A checkpoint is a dict of plain Python values and tensors::
 
-    {"format": "resemul-checkpoint", "version": 1,
+    {"format": "resemul-checkpoint", "version": 2,
      "model_config": {...ModelConfig fields...}, "model_state": {...state_dict...},
      "tags": ["guitar", ...] or None, ...anything the writer adds (training state)...}
+
+Versions: 2 names the model's layers (``stem.conv``, ``blocks.3.conv1``, ``head.fc2``, ...);
+1 numbered them as ``nn.Sequential`` entries (``stem.0``, ``blocks.3.main.0``, ``head.0``).
+Version 1 files are read by renaming their ``model_state`` keys (:func:`upgrade_state_dict`);
+the parameter order is the same in both, so an optimizer state saved with version 1 (keyed by
+parameter index) still fits.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +35,67 @@ __all__ = [
     "save_checkpoint",
     "read_checkpoint",
     "load_checkpoint",
+    "upgrade_state_dict",
 ]
 
 
 CHECKPOINT_FORMAT = "resemul-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+#: Versions :func:`read_checkpoint` reads; older ones are upgraded to the current one.
+READABLE_VERSIONS = (1, 2)
+
+# Version 1 state-dict names (nn.Sequential indices) -> version 2 names.
+_V1_KEY = re.compile(
+    r"(?P<module>stem|head|blocks\.\d+\.main|blocks\.\d+\.shortcut)\.(?P<index>\d+)\."
+)
+_V1_NAMES = {
+    "stem": {0: "stem.conv", 1: "stem.bn"},
+    "head": {0: "head.fc1", 1: "head.bn", 4: "head.fc2"},
+    "shortcut": {0: "shortcut.conv", 1: "shortcut.bn"},
+    "main 2": {0: "conv1", 1: "bn1", 4: "conv2", 5: "bn2"},
+    "main 1": {0: "conv1", 1: "bn1"},
+}
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the reason."""
+
+
+def upgrade_state_dict(state: Mapping[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """Rename a version-1 ``model_state`` (``nn.Sequential`` indices) to the current names.
+
+    ``stem.0/1`` -> ``stem.conv/bn``; ``blocks.i.main.0/1/4/5`` -> ``blocks.i.conv1/bn1/
+    conv2/bn2`` (two-conv blocks) or ``blocks.i.main.0/1`` -> ``blocks.i.conv1/bn1``
+    (one-conv blocks); ``blocks.i.shortcut.0/1`` -> ``blocks.i.shortcut.conv/bn``;
+    ``head.0/1/4`` -> ``head.fc1/bn/fc2``. Other keys, current names included, are kept, as
+    is the order of the entries.
+
+    Args:
+        state: a state dict of a :class:`SampleCNN` built from ``config``.
+        config: the model's config (it tells one-conv from two-conv residual blocks).
+
+    Returns:
+        A new dict with the same values under the current keys.
+
+    Raises:
+        KeyError: a numbered key that no version-1 model has.
+    """
+    main = _V1_NAMES["main 2" if config.num_convs == 2 else "main 1"]
+    upgraded: dict[str, Any] = {}
+    for key, value in state.items():
+        match = _V1_KEY.match(key)
+        if match is None:
+            upgraded[key] = value
+            continue
+        module, index = match["module"], int(match["index"])
+        if module.endswith(".main"):
+            name = f"{module.removesuffix('main')}{main[index]}"
+        elif module.endswith(".shortcut"):
+            name = f"{module.removesuffix('shortcut')}{_V1_NAMES['shortcut'][index]}"
+        else:
+            name = _V1_NAMES[module][index]
+        upgraded[f"{name}.{key[match.end() :]}"] = value
+    return upgraded
 
 
 def save_checkpoint(
@@ -70,6 +129,9 @@ def save_checkpoint(
 def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint's payload safely (``weights_only=True``) and check its format.
 
+    A version-1 payload is upgraded in memory: its ``model_state`` keys are renamed
+    (:func:`upgrade_state_dict`) and its ``version`` becomes the current one.
+
     Raises:
         FileNotFoundError: no such file.
         CheckpointError: the file is truncated, corrupted, or not a resemul checkpoint.
@@ -85,11 +147,22 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         ) from err
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a resemul checkpoint (no '{CHECKPOINT_FORMAT}' tag)")
-    if payload.get("version") != CHECKPOINT_VERSION:
+    version = payload.get("version")
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"checkpoint {path} has format version {payload.get('version')}, "
-            f"this library reads version {CHECKPOINT_VERSION}"
+            f"checkpoint {path} has format version {version}, this library reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
+    if version != CHECKPOINT_VERSION and "model_state" in payload:
+        try:
+            config = ModelConfig.from_dict(payload["model_config"])
+            payload["model_state"] = upgrade_state_dict(payload["model_state"], config)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CheckpointError(
+                f"checkpoint {path} (format version {version}) cannot be upgraded to version "
+                f"{CHECKPOINT_VERSION}: {err!r}"
+            ) from err
+    payload["version"] = CHECKPOINT_VERSION
     return payload
 
 

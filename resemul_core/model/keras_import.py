@@ -1,7 +1,8 @@
 """Load the authors' released Keras 2.0.5 HDF5 models into :class:`SampleCNN` (issue 8).
 
 Public: :func:`read_keras_file`, :func:`import_keras`, :func:`convert_keras_checkpoint`,
-:class:`KerasFile`, :class:`KerasLayer`, :class:`KerasImportError`, :data:`RELEASED_MODELS`.
+:func:`keras_layer_table`, :class:`KerasFile`, :class:`KerasLayer`, :class:`KerasImportError`,
+:data:`RELEASED_MODELS`.
 
 The official code released ``se-multi-auc_0.9111-tfrmodel.hdf5`` and
 ``rese-multi-auc_0.9113-tfrmodel.hdf5``, written by Keras 2.0.5's ``model.save``. They are read
@@ -61,12 +62,14 @@ __all__ = [
     "read_keras_file",
     "import_keras",
     "convert_keras_checkpoint",
+    "keras_layer_table",
 ]
 
 log = logging.getLogger(__name__)
 
 #: The official release's files and the variant each one holds (width 1, alpha 16, 50 tags in
-#: the order of :data:`~resemul_core.data.tags.MTAT_TOP50_TAGS`). "rese" in the official code is ReSE-2.
+#: the order of :data:`~resemul_core.data.tags.MTAT_TOP50_TAGS`). "rese" in the official code is
+#: ReSE-2.
 RELEASED_MODELS: dict[str, str] = {
     "se-multi-auc_0.9111-tfrmodel.hdf5": "se-multi",
     "rese-multi-auc_0.9113-tfrmodel.hdf5": "rese2-multi",
@@ -437,20 +440,48 @@ def read_keras_file(path: str | os.PathLike) -> KerasFile:
 # --- matching with our model --------------------------------------------------------------
 
 
+def keras_layer_table(model: SampleCNN) -> list[tuple[str, str, str, str]]:
+    """Our weighted layers in the official code's construction order, by module name.
+
+    Returns:
+        ``(module name, Keras class, role, Keras activation)`` rows, e.g.
+        ``("blocks.2.shortcut.conv", "Conv1D", "block 3 shortcut conv", "linear")``: the
+        stem's conv and BN; per block its projection shortcut's conv and BN (created first by
+        the official code, when the width changes), the main path's convs and BNs, the SE
+        gate's two denses; then the head's dense, BN and output dense.
+    """
+    conv, dense, norm = "Conv1D", "Dense", "BatchNormalization"
+    table = [("stem.conv", conv, "stem conv", "linear"), ("stem.bn", norm, "stem BN", "linear")]
+    for i, block in enumerate(model.blocks):
+        base, name = f"blocks.{i}", f"block {i + 1}"
+        if isinstance(block, ResidualBlock):
+            if block.shortcut is not None:
+                table.append((f"{base}.shortcut.conv", conv, f"{name} shortcut conv", "linear"))
+                table.append((f"{base}.shortcut.bn", norm, f"{name} shortcut BN", "linear"))
+            for j in range(1, block.num_convs + 1):
+                table.append((f"{base}.conv{j}", conv, f"{name} conv {j}", "linear"))
+                table.append((f"{base}.bn{j}", norm, f"{name} BN {j}", "linear"))
+        else:
+            table.append((f"{base}.conv", conv, f"{name} conv", "linear"))
+            table.append((f"{base}.bn", norm, f"{name} BN", "linear"))
+        if block.se is not None:
+            table.append((f"{base}.se.expand", dense, f"{name} SE dense 1", "relu"))
+            table.append((f"{base}.se.contract", dense, f"{name} SE dense 2", "sigmoid"))
+    table.append(("head.fc1", dense, "head dense", "linear"))
+    table.append(("head.bn", norm, "head BN", "linear"))
+    table.append(("head.fc2", dense, "head output dense", "sigmoid"))
+    return table
+
+
 @dataclass(frozen=True)
 class _Slot:
-    """One of our weighted layers: its state-dict prefix, role and Keras activation."""
+    """One of our weighted layers: its module name, Keras class, role and Keras activation."""
 
     prefix: str
+    class_name: str
     role: str
     module: nn.Module
     activation: str = "linear"
-
-    @property
-    def class_name(self) -> str:
-        if isinstance(self.module, nn.Conv1d):
-            return "Conv1D"
-        return "Dense" if isinstance(self.module, nn.Linear) else "BatchNormalization"
 
     def keras_shapes(self) -> dict[str, tuple[int, ...]]:
         """The Keras-layout shape of every weight this layer needs."""
@@ -461,41 +492,17 @@ class _Slot:
         return {"kernel": tuple(reversed(self.module.weight.shape)), "bias": (out,)}
 
 
+_MODULE_TYPES = {"Conv1D": nn.Conv1d, "Dense": nn.Linear, "BatchNormalization": nn.BatchNorm1d}
+
+
 def _slots(model: SampleCNN) -> list[_Slot]:
-    """Our weighted layers in the official code's construction order."""
-    slots = [_Slot("stem.0", "stem conv", model.stem[0]), _Slot("stem.1", "stem BN", model.stem[1])]
-    for i, block in enumerate(model.blocks):
-        base, name = f"blocks.{i}", f"block {i + 1}"
-        if isinstance(block, ResidualBlock):
-            if isinstance(block.shortcut, nn.Sequential):
-                slots.append(
-                    _Slot(f"{base}.shortcut.0", f"{name} shortcut conv", block.shortcut[0])
-                )
-                slots.append(_Slot(f"{base}.shortcut.1", f"{name} shortcut BN", block.shortcut[1]))
-            convs = bns = 0
-            for j, module in enumerate(block.main):
-                if isinstance(module, nn.Conv1d):
-                    convs += 1
-                    slots.append(_Slot(f"{base}.main.{j}", f"{name} conv {convs}", module))
-                elif isinstance(module, nn.BatchNorm1d):
-                    bns += 1
-                    slots.append(_Slot(f"{base}.main.{j}", f"{name} BN {bns}", module))
-        else:
-            slots.append(_Slot(f"{base}.conv", f"{name} conv", block.conv))
-            slots.append(_Slot(f"{base}.bn", f"{name} BN", block.bn))
-        if block.se is not None:
-            slots.append(_Slot(f"{base}.se.expand", f"{name} SE dense 1", block.se.expand, "relu"))
-            slots.append(
-                _Slot(f"{base}.se.contract", f"{name} SE dense 2", block.se.contract, "sigmoid")
-            )
-    linear = [j for j, m in enumerate(model.head) if isinstance(m, nn.Linear)]
-    for j, module in enumerate(model.head):
-        if isinstance(module, nn.Linear):
-            last = j == linear[-1]
-            role = "head output dense" if last else "head dense"
-            slots.append(_Slot(f"head.{j}", role, module, "sigmoid" if last else "linear"))
-        elif isinstance(module, nn.BatchNorm1d):
-            slots.append(_Slot(f"head.{j}", "head BN", module))
+    """Our weighted layers in the official code's construction order (:func:`keras_layer_table`)."""
+    slots = []
+    for name, class_name, role, activation in keras_layer_table(model):
+        module = model.get_submodule(name)
+        if not isinstance(module, _MODULE_TYPES[class_name]):
+            raise TypeError(f"{name} is a {type(module).__name__}, not a {class_name} layer")
+        slots.append(_Slot(name, class_name, role, module, activation))
     return slots
 
 

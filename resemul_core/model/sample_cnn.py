@@ -6,6 +6,11 @@ Public: :data:`VARIANTS`, :class:`ModelConfig`, :class:`SampleCNN`, :func:`build
 Shape legend (paper width, 9 blocks): B = batch, T = 59049 input samples.
 ``(B, 59049) -> stem (B, 128, 19683) -> block 1 (B, 128, 6561) -> block 2 (B, 128, 2187)
 -> block 3 (B, 256, 729) -> ... -> block 8 (B, 256, 3) -> block 9 (B, 512, 1) -> (B, num_tags)``.
+
+Module tree: ``stem`` (:class:`~resemul_core.model.blocks.Stem`), ``blocks.0`` ...
+``blocks.{n-1}`` (:class:`~resemul_core.model.blocks.BasicBlock` or
+:class:`~resemul_core.model.blocks.ResidualBlock`), ``head``
+(:class:`~resemul_core.model.blocks.Head`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 from torch import nn
 
 from resemul_core.config import INITS, VARIANTS, ModelConfig, model_config
-from resemul_core.model.blocks import BasicBlock, ResidualBlock, batch_norm
+from resemul_core.model.blocks import BasicBlock, Head, ResidualBlock, Stem
 
 __all__ = [
     "SampleCNN",
@@ -49,6 +54,10 @@ class SampleCNN(nn.Module):
         input ``(B, L)`` or ``(B, 1, L)`` float waveform with ``L = config.segment_length``
         (59049 samples at 22,050 Hz, 2.68 s); output logits ``(B, num_tags)``.
         Probabilities are ``torch.sigmoid(logits)``.
+
+    Methods: :meth:`forward` (logits), :meth:`forward_features` (pooled features ``(B, F)``),
+    :meth:`forward_head` (features to logits), :meth:`forward_with_gates` (logits and SE
+    gates), :meth:`block_outputs` (every stage's map). ``forward`` always returns a tensor.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -56,11 +65,7 @@ class SampleCNN(nn.Module):
         self.config = config
         widths = config.block_channels()
         stem_width = config.scale(128)
-        self.stem = nn.Sequential(
-            nn.Conv1d(1, stem_width, kernel_size=3, stride=3, padding=0, bias=True),
-            batch_norm(stem_width, eps=config.bn_eps, momentum=config.bn_momentum),
-            nn.ReLU(),
-        )
+        self.stem = Stem(stem_width, bn_eps=config.bn_eps, bn_momentum=config.bn_momentum)
         num_convs = config.num_convs
         se_alpha = config.alpha if config.has_se else None
         blocks: list[nn.Module] = []
@@ -83,39 +88,76 @@ class SampleCNN(nn.Module):
             c_in = c_out
         self.blocks = nn.ModuleList(blocks)
         features = sum(widths[-3:]) if config.multi else widths[-1]
-        self.head = nn.Sequential(
-            nn.Linear(features, features),
-            batch_norm(features, eps=config.bn_eps, momentum=config.bn_momentum),
-            nn.ReLU(),
-            nn.Dropout(config.dropout),
-            nn.Linear(features, config.num_tags),
+        self.head = Head(
+            features,
+            config.num_tags,
+            dropout=config.dropout,
+            bn_eps=config.bn_eps,
+            bn_momentum=config.bn_momentum,
         )
         reset_parameters(self, init=config.init)
 
-    def forward(
-        self, waveform: torch.Tensor, *, return_excitations: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         """Tag logits for a batch of segments.
 
         Args:
             waveform: ``(B, L)`` or ``(B, 1, L)`` samples in [-1, 1].
-            return_excitations: also return the SE gates, one ``(B, C_i)`` tensor per SE
-                block in block order (an empty list for variants without SE).
 
         Returns:
-            logits ``(B, num_tags)``, or ``(logits, excitations)``.
+            logits ``(B, num_tags)``.
         """
+        return self.forward_head(self._features(waveform, None))
+
+    def forward_features(self, waveform: torch.Tensor) -> torch.Tensor:
+        """The pooled features the head reads.
+
+        Args:
+            waveform: ``(B, L)`` or ``(B, 1, L)`` samples in [-1, 1].
+
+        Returns:
+            features ``(B, F)``: the last block's output max-pooled over time, ``F = C_n``;
+            for ``multi`` variants the concatenation of the last three blocks' pooled
+            outputs, ``F = C_{n-2} + C_{n-1} + C_n``.
+        """
+        return self._features(waveform, None)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Tag logits from pooled features.
+
+        Args:
+            features: ``(B, F)``, as :meth:`forward_features` returns.
+
+        Returns:
+            logits ``(B, num_tags)``.
+        """
+        return self.head(features)  # B, num_tags
+
+    def forward_with_gates(self, waveform: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Tag logits and the squeeze-and-excitation gates of one pass.
+
+        Args:
+            waveform: ``(B, L)`` or ``(B, 1, L)`` samples in [-1, 1].
+
+        Returns:
+            ``(logits, gates)``: logits ``(B, num_tags)`` and one gate ``(B, C_i)`` per SE
+            block in block order, values in (0, 1); an empty list for variants without SE.
+        """
+        gates: list[torch.Tensor] = []
+        logits = self.forward_head(self._features(waveform, gates))
+        return logits, gates
+
+    def _features(self, waveform: torch.Tensor, gates: list[torch.Tensor] | None) -> torch.Tensor:
+        """Pooled features ``(B, F)``; the SE gates are appended to ``gates`` if given."""
         h = self.stem(self._as_batch(waveform))  # B, 128, L/3
         pooled: list[torch.Tensor] = []
-        excitations: list[torch.Tensor] = []
+        first_pooled = len(self.blocks) - (3 if self.config.multi else 1)
         for i, block in enumerate(self.blocks):
             h, gate = block(h)  # B, C_i, L / 3^(i+2)
-            if gate is not None and return_excitations:
-                excitations.append(gate)
-            if i >= len(self.blocks) - (3 if self.config.multi else 1):
+            if gate is not None and gates is not None:
+                gates.append(gate)
+            if i >= first_pooled:
                 pooled.append(h.amax(dim=-1))  # B, C_i
-        logits = self.head(torch.cat(pooled, dim=1))  # B, num_tags
-        return (logits, excitations) if return_excitations else logits
+        return torch.cat(pooled, dim=1)  # B, F
 
     def block_outputs(self, waveform: torch.Tensor) -> list[torch.Tensor]:
         """The stem's and every block's output, ``[(B, C, L/3), (B, C_1, L/9), ...]``."""
@@ -229,7 +271,7 @@ def architecture_summary(config: ModelConfig) -> list[dict[str, Any]]:
         {
             "stage": "stem",
             "layer": "conv k3 s3 + BN + ReLU",
-            "channels": model.stem[0].out_channels,
+            "channels": model.stem.conv.out_channels,
             "length": config.segment_length // 3,
             "parameters": count_parameters(model.stem),
         }
@@ -250,7 +292,7 @@ def architecture_summary(config: ModelConfig) -> list[dict[str, Any]]:
         {
             "stage": "head",
             "layer": "max-pool of blocks 7-9" if config.multi else "max-pool of the last block",
-            "channels": model.head[0].in_features,
+            "channels": model.head.fc1.in_features,
             "length": config.num_tags,
             "parameters": count_parameters(model.head),
         }

@@ -40,13 +40,11 @@ small-batch training on a fast GPU.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import numpy as np
 import torch
@@ -56,10 +54,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from resemul_core.config import PROFILES, TrainConfig
+from resemul_core.config import RunConfig
 from resemul_core.data.datasets import SegmentBatches, SegmentDataset
 from resemul_core.data.store import SegmentStore, open_store
-from resemul_core.model.checkpoint import CheckpointError
+from resemul_core.model.inference import run_model
 from resemul_core.runtime import (
     autocast,
     compile_model,
@@ -87,7 +85,7 @@ from resemul_core.training.state import (
     TrainResult,
     _Run,
     _start_run,
-    saved_train_config,
+    saved_run_config,
     set_rng_state,
 )
 
@@ -104,11 +102,9 @@ _LOSS_CHECK_EVERY = 50
 def train(
     store: SegmentStore | str | os.PathLike,
     run_dir: str | os.PathLike,
+    config: RunConfig | None = None,
     *,
-    variant: str | None = None,
-    config: TrainConfig | None = None,
-    model_options: Mapping[str, Any] | None = None,
-    resume: bool = False,
+    resume: bool | Literal["auto"] = False,
     overwrite: bool = False,
     max_steps: int | None = None,
     progress: bool = True,
@@ -118,12 +114,12 @@ def train(
     Args:
         store: a :class:`SegmentStore` or its directory; uses its 'train' and 'valid' splits.
         run_dir: where checkpoints and the log go (see the module docstring).
-        variant: one of :data:`~resemul_core.config.VARIANTS`; required for a fresh run.
-        config: the recipe; default ``PROFILES["paper"].config`` for a fresh run and the saved
-            one on resume (then only :data:`RUNTIME_FIELDS` may differ from the saved config).
-        model_options: :class:`~resemul_core.config.ModelConfig` overrides (``width``, ...).
-            ``num_blocks`` follows from the store's segment length; ``num_tags`` from its tags.
-        resume: continue the run in ``run_dir`` from ``last.pt``.
+        config: the model, recipe and runtime (:func:`resemul_core.profiles.resolve_config`),
+            required for a fresh run; its model must fit the store (tags, segment length). On
+            resume it may be left out (the saved one is used); if given, its model and recipe
+            must equal the saved ones and its runtime (device, workers, ...) is used.
+        resume: ``True``: continue the run in ``run_dir`` from ``last.pt``; ``"auto"``: continue
+            it if there is one, else start afresh; ``False``: start afresh.
         overwrite: start afresh even if ``run_dir`` holds a run (its files are replaced).
         max_steps: stop after this many optimizer steps of this call, saving ``last.pt``
             (to split a run over time-limited sessions; resume continues identically).
@@ -159,24 +155,26 @@ def train(
     for name, split in (("train", train_set), ("valid", val_set)):
         if len(split) == 0:
             raise ValueError(f"store {store.path} has no segments in its {name!r} split")
-    requested = _requested_config(Path(run_dir), config, resume=resume)
+    run_dir = Path(run_dir)
+    if resume == "auto":
+        resume = (run_dir / LAST_CHECKPOINT).is_file() and not overwrite
+        if resume:
+            logger.info("%s holds a run; resuming it", run_dir)
+    requested = config if config is not None or not resume else saved_run_config(run_dir)
+    if requested is None:
+        raise ValueError("a fresh run needs a config (resemul_core.profiles.resolve_config)")
     # before any process joins a group or loads the split: fail on every rank, not hang
     check_world_size(
-        requested_world_size(), batch_size=requested.batch_size, sync_bn=requested.sync_bn
+        requested_world_size(),
+        batch_size=requested.train.batch_size,
+        sync_bn=requested.runtime.sync_bn,
     )
-    cuda = select_device(requested.device).type == "cuda"
+    cuda = select_device(requested.runtime.device).type == "cuda"
     with process_group(cuda=cuda) as ranks:
         run = _start_run(
-            store,
-            Path(run_dir),
-            variant=variant,
-            config=config,
-            model_options=model_options,
-            resume=resume,
-            overwrite=overwrite,
-            ranks=ranks,
+            store, run_dir, config, resume=bool(resume), overwrite=overwrite, ranks=ranks
         )
-        with deterministic_algorithms(run.config.deterministic):
+        with deterministic_algorithms(run.config.runtime.deterministic):
             return _fit(run, train_set, val_set, max_steps=max_steps, progress=progress)
 
 
@@ -189,16 +187,17 @@ def _fit(
     progress: bool,
 ) -> TrainResult:
     """The loop of :func:`train`: epochs of steps, validation, stage changes, checkpoints."""
-    config, state, model, device, ranks = run.config, run.state, run.model, run.device, run.ranks
+    state, model, device, ranks = run.state, run.model, run.device, run.ranks
+    config, runtime = run.config.train, run.config.runtime
     configure_backends(device, config.precision)
     if config.val_segments is not None and config.val_segments < len(val_set):
         val_set = Subset(val_set, range(config.val_segments))
     num_steps = steps_per_epoch(len(train_set), config)
-    net = data_parallel(model, device, sync_bn=config.sync_bn) if ranks.distributed else model
+    net = data_parallel(model, device, sync_bn=runtime.sync_bn) if ranks.distributed else model
     forward = (
-        compile_model(net, device=device, distributed=ranks.distributed) if config.compile else net
+        compile_model(net, device=device, distributed=ranks.distributed) if runtime.compile else net
     )
-    resident = ResidentSplit(train_set, device) if config.data_on_device else None
+    resident = ResidentSplit(train_set, device) if runtime.data_on_device else None
     if run.saved_rng is not None:
         set_rng_state(run.saved_rng, device)  # after everything that draws random numbers
     steps_this_call = 0
@@ -224,7 +223,7 @@ def _fit(
         pending: list[torch.Tensor] = []  # losses still on the device
         started = time.perf_counter()
         for waveform, labels in device_batches(
-            train_set, rows, device=device, num_workers=config.num_workers, resident=resident
+            train_set, rows, device=device, num_workers=runtime.num_workers, resident=resident
         ):
             lr = decayed_learning_rate(stage_lr, state.stage_step, decay=config.lr_decay)
             loss = train_step(
@@ -243,7 +242,7 @@ def _fit(
             steps_this_call += 1
             bar.update()
             stop_now = max_steps is not None and steps_this_call >= max_steps
-            checkpoint_now = state.step % config.checkpoint_every == 0 and state.step < num_steps
+            checkpoint_now = state.step % runtime.checkpoint_every == 0 and state.step < num_steps
             if len(pending) >= _LOSS_CHECK_EVERY or checkpoint_now or stop_now:
                 run.record_losses(pending)
                 bar.set_postfix(loss=f"{state.loss_sum / state.step:.4f}", lr=f"{lr:.2e}")
@@ -266,7 +265,7 @@ def _fit(
             batch_size=config.val_batch_size,
             device=device,
             precision=config.precision,
-            num_workers=config.num_workers,
+            num_workers=runtime.num_workers,
             progress=progress and ranks.is_main,
             distributed=ranks.distributed,
         )
@@ -317,7 +316,6 @@ def train_step(
     return loss.detach()
 
 
-@torch.no_grad()
 def validation_loss(
     model: nn.Module,
     dataset: Dataset,
@@ -331,10 +329,13 @@ def validation_loss(
 ) -> float:
     """Segment-level BCE over a validation set, model in eval mode (dropout off, BN frozen).
 
+    The forward passes are :func:`~resemul_core.model.inference.run_model`'s.
+
     Args:
-        model: maps ``(B, L)`` waveforms to ``(B, T)`` logits.
+        model: maps ``(B, L)`` waveforms to ``(B, T)`` logits; on ``device``.
         dataset: items ``(waveform (L,), labels (T,))``, e.g. a :class:`SegmentDataset`.
         batch_size: segments per forward pass; does not change the value.
+        device: a ``torch.device`` or a name for :func:`select_device` ("auto", "cpu", ...).
         precision: "fp32", "tf32" or "bf16" (:mod:`resemul_core.runtime`); training's.
         distributed: every rank of the initialised process group calls this with the same
             model weights and dataset; each scores its contiguous share and the sums of the
@@ -347,7 +348,7 @@ def validation_loss(
         The official validation averages 665 batch means of 23 segments from a looping reader
         that over-reads 5 segments (SPEC §3); this is the exact mean over the segments.
     """
-    device = torch.device(device)
+    device = select_device(str(device))
     if distributed:
         share = np.array_split(np.arange(len(dataset)), dist.get_world_size())[dist.get_rank()]
         dataset = Subset(dataset, share.tolist())
@@ -358,21 +359,17 @@ def validation_loss(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
-    was_training = model.training
-    model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    for waveform, labels in tqdm(loader, desc="validation", leave=False, disable=not progress):
-        waveform = waveform.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        with autocast(device, precision):
-            logits = model(waveform)
-        per_segment = F.binary_cross_entropy_with_logits(
-            logits.float(), labels, reduction="none"
-        ).mean(dim=1)
+    for logits, _, (labels,) in run_model(
+        model, loader, device=device, precision=precision, progress=progress, desc="validation"
+    ):
+        labels = labels.to(device, non_blocking=True)  # B, T
+        per_segment = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(
+            dim=1
+        )  # B
         total += per_segment.sum(dtype=torch.float64)
         count += labels.shape[0]
-    model.train(was_training)
     if distributed:
         sums = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)])
         dist.all_reduce(sums)
@@ -380,14 +377,3 @@ def validation_loss(
     if count == 0:
         raise ValueError("the validation set holds no segments")
     return float(total.item() / count)
-
-
-def _requested_config(run_dir: Path, config: TrainConfig | None, *, resume: bool) -> TrainConfig:
-    """The config a run will use, known before the run is set up (to pick the DDP backend and
-    check the number of processes): the given one, the saved one on resume, or the paper's."""
-    if config is not None:
-        return config
-    if resume and (run_dir / LAST_CHECKPOINT).is_file():
-        with contextlib.suppress(CheckpointError):
-            return saved_train_config(run_dir)
-    return PROFILES["paper"].config

@@ -1,6 +1,7 @@
 """The state of a run in progress: progress counters, RNG states, checkpoints, resuming.
 
-Public: :class:`TrainResult`, :class:`TrainingDiverged`, :func:`saved_train_config`,
+Public: :class:`TrainResult`, :class:`TrainingDiverged`, :func:`saved_run_config`,
+:func:`check_fits_store`,
 :func:`saved_cuda_rng_state`, :func:`set_rng_state`.
 
 Resuming is exact: the data order of an epoch is a function of ``(seed, epoch)``, the step
@@ -15,21 +16,14 @@ import math
 import os
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from resemul_core.config import (
-    PROFILES,
-    RUNTIME_FIELDS,
-    ModelConfig,
-    TrainConfig,
-    model_config,
-    num_blocks_for,
-)
+from resemul_core.config import ModelConfig, RunConfig, RuntimeConfig, TrainConfig
 from resemul_core.data.store import SegmentStore
 from resemul_core.files import write_json
 from resemul_core.model.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
@@ -54,7 +48,8 @@ __all__ = [
     "TrainResult",
     "TrainingDiverged",
     "saved_cuda_rng_state",
-    "saved_train_config",
+    "check_fits_store",
+    "saved_run_config",
     "set_rng_state",
 ]
 
@@ -99,6 +94,9 @@ class TrainResult:
         epochs: epochs completed in total.
         global_step: optimizer steps taken in total.
         finished: False when stopped early by ``max_steps``; resume to continue.
+        config: the run's configuration (for a resumed run: the saved one with this call's
+            runtime settings).
+        device: the device this call trained on, e.g. ``"cpu"`` or ``"cuda:0"``.
     """
 
     run_dir: Path
@@ -107,6 +105,8 @@ class TrainResult:
     epochs: int
     global_step: int
     finished: bool
+    config: RunConfig
+    device: str
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -189,26 +189,41 @@ def _audio_info(store: SegmentStore) -> dict[str, Any]:
     }
 
 
-def saved_train_config(run_dir: str | os.PathLike) -> TrainConfig:
-    """The :class:`TrainConfig` stored in ``RUN_DIR/last.pt`` (to resume with changed runtime
-    fields)."""
+def saved_run_config(run_dir: str | os.PathLike) -> RunConfig:
+    """The :class:`~resemul_core.config.RunConfig` stored in ``RUN_DIR/last.pt``."""
     path = Path(run_dir) / LAST_CHECKPOINT
-    payload = read_checkpoint(path)
+    return _payload_config(read_checkpoint(path), path)
+
+
+def _payload_config(payload: Mapping[str, Any], path: Path) -> RunConfig:
+    """The run config of a checkpoint's payload. Checkpoints of earlier versions kept the
+    runtime settings inside ``train_config``; both config classes read that form."""
     try:
-        return TrainConfig.from_dict(payload["train_config"])
+        train = payload["train_config"]
+        return RunConfig(
+            model=ModelConfig.from_dict(payload["model_config"]),
+            train=TrainConfig.from_dict(train),
+            runtime=RuntimeConfig.from_dict(payload.get("runtime_config", train)),
+        )
     except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path} holds no usable training config ({err})") from err
+        raise CheckpointError(f"{path} holds no usable run config ({err})") from err
+
+
+def _differences(saved: RunConfig, requested: RunConfig) -> list[str]:
+    """The model and recipe settings in which ``requested`` differs from ``saved``."""
+    old, new = saved.flat(), requested.flat()
+    return [
+        f"{key} ({old[key]!r} -> {new[key]!r})"
+        for key in old
+        if not key.startswith("runtime.") and old[key] != new[key]
+    ]
 
 
 def _read_resume_state(
-    run_dir: Path,
-    store: SegmentStore,
-    *,
-    variant: str | None,
-    config: TrainConfig | None,
-    model_options: Mapping[str, Any] | None,
-) -> tuple[dict[str, Any], TrainConfig, ModelConfig]:
-    """Read and check ``last.pt`` against the store and the requested settings."""
+    run_dir: Path, store: SegmentStore, config: RunConfig | None
+) -> tuple[dict[str, Any], RunConfig]:
+    """Read and check ``last.pt`` against the store and the requested config; the config to
+    continue with is the saved one with ``config``'s runtime (if given)."""
     path = run_dir / LAST_CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"cannot resume: {path} does not exist")
@@ -216,39 +231,28 @@ def _read_resume_state(
     try:
         if payload.get("kind") != "train-state":
             raise ValueError("it is not a training-state checkpoint")
-        saved_config = TrainConfig.from_dict(payload["train_config"])
-        saved_model = ModelConfig.from_dict(payload["model_config"])
         _Progress.from_dict(payload["progress"])
         payload["optimizer_state"], payload["rng"]  # noqa: B018 - presence check
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"cannot resume from {path}: {err}") from err
+    saved = _payload_config(payload, path)
     if payload["store_fingerprint"] != store.fingerprint:
         raise CheckpointError(
             f"cannot resume from {path}: it was trained on a store with fingerprint "
             f"{payload['store_fingerprint'][:12]}, but {store.path} has {store.fingerprint[:12]}"
         )
-    if variant is not None and variant != saved_model.variant:
-        raise CheckpointError(
-            f"cannot resume from {path}: it trains {saved_model.variant!r}, not {variant!r}"
-        )
-    for key, value in (model_options or {}).items():
-        if getattr(saved_model, key, object()) != value:
-            raise CheckpointError(
-                f"cannot resume from {path}: model option {key}={value!r} differs from the "
-                f"checkpoint's {getattr(saved_model, key, None)!r}"
-            )
     if config is None:
-        return payload, saved_config, saved_model
-    changed = [
-        f"{f.name} ({getattr(saved_config, f.name)!r} -> {getattr(config, f.name)!r})"
-        for f in fields(TrainConfig)
-        if f.name not in RUNTIME_FIELDS and getattr(saved_config, f.name) != getattr(config, f.name)
-    ]
+        return payload, saved
+    if config.variant != saved.variant:
+        raise CheckpointError(
+            f"cannot resume from {path}: it trains {saved.variant!r}, not {config.variant!r}"
+        )
+    changed = _differences(saved, config)
     if changed:
         raise CheckpointError(
-            f"cannot resume from {path}: training config differs in {', '.join(changed)}"
+            f"cannot resume from {path}: the run was configured differently: {', '.join(changed)}"
         )
-    return payload, config, saved_model
+    return payload, replace(saved, runtime=config.runtime)
 
 
 def _claim_run_dir(run_dir: Path, *, overwrite: bool, ranks: Ranks) -> None:
@@ -281,7 +285,7 @@ class _Run:
 
     dir: Path
     store: SegmentStore
-    config: TrainConfig
+    config: RunConfig
     model: SampleCNN
     optimizer: torch.optim.SGD
     state: _Progress
@@ -301,7 +305,8 @@ class _Run:
         """What every checkpoint of the run carries besides the model."""
         return {
             "variant": self.model.config.variant,
-            "train_config": self.config.to_dict(),
+            "train_config": self.config.train.to_dict(),
+            "runtime_config": self.config.runtime.to_dict(),
             "store_fingerprint": self.store.fingerprint,
             "store_path": str(self.store.path),
             "audio": _audio_info(self.store),
@@ -354,8 +359,8 @@ class _Run:
             state.stage,
             val_loss,
             epoch=state.epoch,
-            patience=self.config.patience,
-            max_epochs=self.config.max_epochs_per_stage,
+            patience=self.config.train.patience,
+            max_epochs=self.config.train.max_epochs_per_stage,
         )
         if update.improved and self.ranks.is_main:
             save_checkpoint(
@@ -369,7 +374,7 @@ class _Run:
                 val_loss=val_loss,
             )
         train_loss = state.loss_sum / num_steps
-        segments = num_steps * self.config.batch_size
+        segments = num_steps * self.config.train.batch_size
         self._write_log_row(
             {
                 "epoch": state.epoch,
@@ -397,7 +402,7 @@ class _Run:
             " (best)" if update.improved else "",
         )
         state.stage = update.state
-        if update.stage_over and state.stage.stage + 1 >= self.config.num_stages:
+        if update.stage_over and state.stage.stage + 1 >= self.config.train.num_stages:
             state.done = True
         elif update.stage_over:
             self.next_stage()
@@ -427,11 +432,11 @@ class _Run:
         self.model.load_state_dict(payload["model_state"])
         self.state.stage = StageState(stage=stage + 1)
         self.state.stage_step = 0
-        self.optimizer = build_optimizer(self.model, self.config, stage=stage + 1)
+        self.optimizer = build_optimizer(self.model, self.config.train, stage=stage + 1)
         logger.info(
             "stage %d: lr %.2e, from the weights of epoch %d",
             stage + 1,
-            stage_learning_rate(self.config, stage + 1),
+            stage_learning_rate(self.config.train, stage + 1),
             epoch,
         )
 
@@ -446,33 +451,31 @@ class _Run:
             self.state.epoch,
             self.state.global_step,
             finished=self.state.done,
+            config=self.config,
+            device=str(self.device),
         )
 
 
 def _start_run(
     store: SegmentStore,
     run_dir: Path,
+    config: RunConfig | None,
     *,
-    variant: str | None,
-    config: TrainConfig | None,
-    model_options: Mapping[str, Any] | None,
     resume: bool,
     overwrite: bool,
     ranks: Ranks,
 ) -> _Run:
     """Set up a fresh run, or rebuild a resumed one from ``last.pt`` (writing nothing)."""
     if resume:
-        saved, config, mconfig = _read_resume_state(
-            run_dir, store, variant=variant, config=config, model_options=model_options
-        )
+        saved, config = _read_resume_state(run_dir, store, config)
         last = run_dir / LAST_CHECKPOINT
-        model = SampleCNN(mconfig)
-        device = _rank_device(config.device, ranks)
+        model = SampleCNN(config.model)
+        device = _rank_device(config.runtime.device, ranks)
         try:
             model.load_state_dict(saved["model_state"])
             model.to(device)
             state = _Progress.from_dict(saved["progress"])
-            optimizer = build_optimizer(model, config, stage=state.stage.stage)
+            optimizer = build_optimizer(model, config.train, stage=state.stage.stage)
             optimizer.load_state_dict(saved["optimizer_state"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"cannot resume from {last}: {err}") from err
@@ -484,7 +487,7 @@ def _start_run(
         if len(rank_rng) == ranks.world_size:
             rng = rank_rng[ranks.rank]  # each rank continues its own dropout stream
         elif ranks.rank > 0:  # another number of processes: continue, though not bit-exactly
-            torch.manual_seed(_rank_seed(config.seed, ranks.rank, state.global_step))
+            torch.manual_seed(_rank_seed(config.train.seed, ranks.rank, state.global_step))
             rng = {**_rng_state(device), "numpy": rng["numpy"], "python": rng["python"]}
         logger.info(
             "resuming %s at stage %d, epoch %d, step %d",
@@ -494,21 +497,34 @@ def _start_run(
             state.step,
         )
         return _Run(run_dir, store, config, model, optimizer, state, device, ranks, rng)
-    if variant is None:
-        raise ValueError("a fresh run needs a variant")
-    config = config or PROFILES["paper"].config
-    mconfig = _model_config(store, variant, model_options)
-    device = _rank_device(config.device, ranks)
+    if config is None:
+        raise ValueError("a fresh run needs a config (resemul_core.profiles.resolve_config)")
+    check_fits_store(config.model, store)
+    device = _rank_device(config.runtime.device, ranks)
     _claim_run_dir(run_dir, overwrite=overwrite, ranks=ranks)
-    _seed_everything(config.seed)  # the same initial weights on every rank
-    model = SampleCNN(mconfig).to(device)
-    optimizer = build_optimizer(model, config, stage=0)
+    _seed_everything(config.train.seed)  # the same initial weights on every rank
+    model = SampleCNN(config.model).to(device)
+    optimizer = build_optimizer(model, config.train, stage=0)
     if ranks.rank > 0:  # but each rank its own dropout masks
-        torch.manual_seed(_rank_seed(config.seed, ranks.rank, 0))
+        torch.manual_seed(_rank_seed(config.train.seed, ranks.rank, 0))
     run = _Run(run_dir, store, config, model, optimizer, _Progress(), device, ranks)
     if ranks.is_main:
-        write_json(run_dir / RUN_CONFIG, {**run.info(), "model_config": mconfig.to_dict()})
+        write_json(run_dir / RUN_CONFIG, {**run.info(), "model_config": config.model.to_dict()})
     return run
+
+
+def check_fits_store(model: ModelConfig, store: SegmentStore) -> None:
+    """Raise a ``ValueError`` unless ``model`` takes the store's segments and predicts its tags."""
+    if model.segment_length != store.segment_length:
+        raise ValueError(
+            f"store {store.path} holds segments of {store.segment_length} samples but a model "
+            f"with num_blocks={model.num_blocks} takes {model.segment_length}"
+        )
+    if model.num_tags != len(store.tags):
+        raise ValueError(
+            f"store {store.path} has {len(store.tags)} tags but the model predicts "
+            f"{model.num_tags}"
+        )
 
 
 def _rank_device(name: str, ranks: Ranks) -> torch.device:
@@ -521,17 +537,3 @@ def _rank_device(name: str, ranks: Ranks) -> torch.device:
         return torch.device("cuda", ranks.local_rank)
     return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
-
-def _model_config(
-    store: SegmentStore, variant: str, options: Mapping[str, Any] | None
-) -> ModelConfig:
-    options = dict(options or {})
-    expected = num_blocks_for(store.segment_length)
-    blocks = options.setdefault("num_blocks", expected)
-    if blocks != expected:
-        raise ValueError(
-            f"store {store.path} holds segments of {store.segment_length} samples but a model "
-            f"with num_blocks={blocks} takes {3 ** (blocks + 1)}"
-        )
-    options.pop("num_tags", None)
-    return model_config(variant, num_tags=len(store.tags), **options)

@@ -1,0 +1,149 @@
+"""The one front door: `resemul train` and the book's training chapter call the same function.
+
+The notebook's code cells are executed here in-process (papermill's run of the same cells is in
+test_book.py), with :func:`resemul_core.interfaces.pipeline.fit` wrapped by a spy.
+"""
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from conftest import TEST_DEVICE
+
+from resemul_core.data.store import write_store_from_arrays
+from resemul_core.interfaces import pipeline
+from resemul_core.interfaces.cli import main
+from resemul_core.model.checkpoint import read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+LENGTH = 3**5  # 4 blocks
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    n = 24
+    out = tmp_path_factory.mktemp("front") / "store"
+    write_store_from_arrays(
+        out,
+        waveforms=[0.1 * rng.standard_normal((2, LENGTH)).astype(np.float32) for _ in range(n)],
+        labels=(rng.random((n, 3)) < 0.5).astype(np.uint8),
+        splits=["train"] * 16 + ["valid"] * 4 + ["test"] * 4,
+        tags=["a", "b", "c"],
+    )
+    return out
+
+
+def _run_notebook_cells(name: str, parameters: dict) -> dict:
+    """Execute a book notebook's code cells in this process, its parameters cell replaced."""
+    notebook = json.loads((ROOT / "book" / "notebooks" / f"{name}.ipynb").read_text())
+    code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
+    namespace: dict = dict(parameters)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    for cell in code[1:]:  # code[0] holds the parameters
+        source = "".join(line for line in cell["source"] if not line.startswith("%"))
+        exec(compile(source, f"{name}.ipynb", "exec"), namespace)
+    return namespace
+
+
+def test_resemul_train_and_the_training_chapter_call_the_same_function(store_dir, tmp_path):
+    settings = ["width=0.125", "seed=3", "max_steps_per_epoch=2"]
+    with mock.patch.object(pipeline, "fit", wraps=pipeline.fit) as spy:
+        code = main(
+            ["train", "--variant", "se", "--profile", "tiny", "--data", str(store_dir)]
+            + ["--out", str(tmp_path / "cli"), "--device", TEST_DEVICE, "--no-progress"]
+            + [arg for s in settings for arg in ("--set", s)]
+        )
+        assert code == 0
+        namespace = _run_notebook_cells(
+            "02_train",
+            {
+                "variant": "se",
+                "profile": "tiny",
+                "overrides": " ".join(settings),
+                "data": str(store_dir),
+                "device": TEST_DEVICE,
+                "out": str(tmp_path / "book"),
+            },
+        )
+    assert spy.call_count == 2
+    (cli_args, cli_kwargs), (book_args, book_kwargs) = spy.call_args_list
+    for kwargs in (cli_kwargs, book_kwargs):
+        assert kwargs["variant"] == "se" and kwargs["profile"] == "tiny"
+        assert kwargs["overrides"] == {
+            "width": 0.125,
+            "seed": 3,
+            "max_steps_per_epoch": 2,
+            "device": TEST_DEVICE,
+        }
+    # the same settings give the same run: identical configs and bit-identical weights
+    cli, book = (read_checkpoint(tmp_path / d / "best.pt") for d in ("cli", "book"))
+    for key in ("model_config", "train_config", "runtime_config"):
+        assert cli[key] == book[key], key
+    assert cli["model_config"]["width"] == 0.125 and cli["train_config"]["seed"] == 3
+    for name, tensor in cli["model_state"].items():
+        assert torch.equal(tensor, book["model_state"][name]), name
+    # and the chapter shows the configuration that ran, seed and device included
+    shown = namespace["run"].settings()
+    assert shown["train.seed"] == 3 and shown["model.width"] == 0.125
+    assert shown["runtime.device (used)"] == TEST_DEVICE
+
+
+def test_a_resumed_run_keeps_its_settings_and_takes_new_runtime_ones(store_dir, tmp_path):
+    first = pipeline.fit(
+        store_dir,
+        tmp_path / "run",
+        variant="basic",
+        profile="tiny",
+        overrides={"device": TEST_DEVICE, "max_steps_per_epoch": 2},
+        max_steps=3,
+        progress=False,
+    )
+    assert not first.result.finished
+    # no variant, no profile: the saved configuration, with the runtime override applied
+    again = pipeline.fit(
+        store_dir, tmp_path / "run", overrides={"checkpoint_every": 2}, progress=False
+    )
+    assert again.result.finished
+    assert again.config.model == first.config.model and again.config.train == first.config.train
+    assert again.config.runtime.checkpoint_every == 2
+    with pytest.raises(ValueError, match="configured differently: train.seed"):
+        pipeline.fit(store_dir, tmp_path / "run", overrides={"seed": 5}, progress=False)
+
+
+def test_a_fresh_run_needs_a_variant_and_unknown_names_stop_before_the_data_is_read(tmp_path):
+    with pytest.raises(ValueError, match="needs a variant"):
+        pipeline.fit(tmp_path / "missing-store", tmp_path / "run")
+    with pytest.raises(ValueError, match="unknown variant 'rese3'; valid variants: basic"):
+        pipeline.fit(tmp_path / "missing-store", tmp_path / "run", variant="rese3")
+    with pytest.raises(ValueError, match="unknown profile 'fast'; valid profiles: paper"):
+        pipeline.fit(tmp_path / "missing-store", tmp_path / "run", variant="se", profile="fast")
+
+
+def test_make_book_passes_width_and_seed_to_the_training_chapter():
+    """``make book WIDTH=... SEED=...`` hands the settings, unchanged, to the notebook that calls
+    :func:`pipeline.fit`, and trains them into their own run folder."""
+    dry = subprocess.run(
+        ["make", "-n", "--no-print-directory", "book", "WIDTH=0.125", "SEED=3", "VARIANTS=se"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    train = next(line for line in dry.splitlines() if "-p profile" in line)
+    assert '-p overrides "width=0.125 seed=3"' in train
+    assert re.search(r"runs/demo-synth-width0\.125-seed3/\$v", dry)
+    plain = subprocess.run(
+        ["make", "-n", "--no-print-directory", "book", "VARIANTS=se"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert '-p overrides ""' in plain and "runs/demo-synth/$v" in plain
