@@ -1,7 +1,8 @@
 """Training-step benchmarks: our step in three modes against a plain baseline in its own process.
 
 Our training step (:func:`~resemul_core.training.loop.train_step`, fed by
-:func:`~resemul_core.training.feeding.device_batches` as :func:`~resemul_core.training.loop.train` runs it, the
+:func:`~resemul_core.training.feeding.device_batches` as
+:func:`~resemul_core.training.loop.train` runs it, the
 backends set by :func:`~resemul_core.runtime.configure_backends`, precision a parameter,
 bf16 by default, the loss never read back) in one of :data:`MODES`:
 
@@ -260,7 +261,8 @@ def time_validation(
     segments: int,
     batch_size: int = 230,
 ) -> float:
-    """Segments/s of one :func:`~resemul_core.training.loop.validation_loss` call (eval forward passes,
+    """Segments/s of one :func:`~resemul_core.training.loop.validation_loss` call (eval forward
+    passes,
     its DataLoader's start and loading included) over ``segments`` segments, the training
     split's repeated, after a call over the split alone (cuDNN autotuning)."""
     dataset = SegmentDataset(store, "train")

@@ -149,20 +149,20 @@ def check_variants(names: Iterable[str] | str | None) -> list[str]:
 class ModelConfig(DictConfig):
     """Everything needed to rebuild a model; stored in every checkpoint.
 
-    Defaults are the paper's (SPEC §2); only ``block`` and ``multi`` differ between the
+    Defaults are the paper's (specification §2); only ``block`` and ``multi`` differ between the
     twelve variants.
     """
 
-    block: str = "basic"  # one of BLOCK_TYPES (SPEC §2.2)
-    multi: bool = False  # head on the max-pooled last three blocks (SPEC §2.1)
-    num_tags: int = 50  # outputs; 50 for MTAT/MSD top-50 (SPEC §1)
+    block: str = "basic"  # one of BLOCK_TYPES (specification §2.2)
+    multi: bool = False  # head on the max-pooled last three blocks (specification §2.1)
+    num_tags: int = 50  # outputs; 50 for MTAT/MSD top-50 (specification §1)
     width: float = 1.0  # multiplier on every channel count; 1.0 = paper
-    alpha: float = 16.0  # SE expansion ratio, hidden = alpha * C (SPEC §2.2, R:train.py:18)
-    dropout: float = 0.5  # head dropout before the last Dense (SPEC §2.1, R:train.py:25)
-    block_dropout: float = 0.2  # dropout between the two convs of Res-2/ReSE-2 (SPEC §2.2)
-    init: str = "keras"  # "keras" = Keras 2.0.5 incl. its Conv1D fan bug; "he" (SPEC §2.3)
-    bn_eps: float = KERAS_BN_EPS  # Keras BatchNormalization epsilon (SPEC §7.2)
-    bn_momentum: float = KERAS_BN_MOMENTUM  # = 1 - Keras momentum 0.99 (SPEC §7.2)
+    alpha: float = 16.0  # SE expansion ratio, hidden = alpha * C (specification §2.2)
+    dropout: float = 0.5  # head dropout before the last Dense (specification §2.1)
+    block_dropout: float = 0.2  # dropout between the two convs of Res-2/ReSE-2 (specification §2.2)
+    init: str = "keras"  # "keras" = Keras 2.0.5 incl. its Conv1D fan bug; "he" (specification §2.3)
+    bn_eps: float = KERAS_BN_EPS  # Keras BatchNormalization epsilon (specification §7.2)
+    bn_momentum: float = KERAS_BN_MOMENTUM  # = 1 - Keras momentum 0.99 (specification §7.2)
     num_blocks: int = 9  # input length is 3 ** (num_blocks + 1): 59049 samples for 9
 
     def __post_init__(self) -> None:
@@ -201,7 +201,7 @@ class ModelConfig(DictConfig):
         """Output width of each block: 128, 128, 256 x (n-3), 512 at width 1.0.
 
         The official code doubles before block index 2 and before the last block
-        (``R:model.py:91-96``).
+        (specification §2.1).
         """
         widths = []
         for i in range(self.num_blocks):
@@ -235,7 +235,7 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
 class TrainConfig(DictConfig):
     """Every number of the training recipe; stored in every checkpoint and fixed for a run.
 
-    The defaults are the paper's (``R:train.py``, SPEC §3). Where and how fast a run computes
+    The defaults are the paper's (specification §3). Where and how fast a run computes
     is a :class:`RuntimeConfig`, which may change when a run is resumed; these may not.
 
     Note:
@@ -249,18 +249,26 @@ class TrainConfig(DictConfig):
         a run produces (:mod:`resemul_core.runtime`); a resume that would change it is refused.
     """
 
-    learning_rate: float = 0.01  # lr of the first stage (SPEC §3, R:train.py:21)
-    lr_factor: float = 0.2  # lr multiplier from one stage to the next (SPEC §3, R:train.py:28-30)
-    num_stages: int = 5  # learning-rate stages: 0.01, 0.002, 4e-4, 8e-5, 1.6e-5 (SPEC §3)
-    momentum: float = 0.9  # SGD momentum (SPEC §3, R:train.py:22)
-    nesterov: bool = True  # Nesterov momentum (SPEC §3, R:train.py:106)
-    lr_decay: float = 1e-6  # Keras time decay per step: lr_t = lr / (1 + decay t) (SPEC §3)
-    weight_decay: float = 0.0  # L2 coefficient; official default 0 (SPEC §2.3, R:train.py:26)
-    batch_size: int = 23  # segments per optimizer step (SPEC §3, R:train.py:20)
-    patience: int = 2  # Keras 2.0.5 EarlyStopping patience: stop at 3rd bad epoch (SPEC §3)
-    max_epochs_per_stage: int = 100  # epochs per stage at most (SPEC §3, R:train.py:70)
-    max_steps_per_epoch: int | None = None  # cap on steps; None: ceil(segments/batch) (SPEC §3)
-    val_segments: int | None = None  # validate on the first N segments; None: all (SPEC §3)
+    learning_rate: float = 0.01  # lr of the first stage (specification §3)
+    lr_factor: float = 0.2  # lr multiplier from one stage to the next (specification §3)
+    num_stages: int = 5  # learning-rate stages: 0.01, 0.002, 4e-4, 8e-5, 1.6e-5 (specification §3)
+    momentum: float = 0.9  # SGD momentum (specification §3)
+    nesterov: bool = True  # Nesterov momentum (specification §3)
+    lr_decay: float = (
+        1e-6  # Keras time decay per step: lr_t = lr / (1 + decay t) (specification §3)
+    )
+    weight_decay: float = 0.0  # L2 coefficient; official default 0 (specification §2.3)
+    batch_size: int = 23  # segments per optimizer step (specification §3)
+    patience: int = (
+        2  # Keras 2.0.5 EarlyStopping patience: stop at 3rd bad epoch (specification §3)
+    )
+    max_epochs_per_stage: int = 100  # epochs per stage at most (specification §3)
+    max_steps_per_epoch: int | None = (
+        None  # cap on steps; None: ceil(segments/batch) (specification §3)
+    )
+    val_segments: int | None = (
+        None  # validate on the first N segments; None: all (specification §3)
+    )
     val_batch_size: int = 230  # segments per validation forward pass (no effect on the value)
     seed: int = 0  # seeds weights, data order and dropout (not in the paper)
     precision: str = "fp32"  # "fp32" (the paper's), "tf32" or "bf16" (resemul_core.runtime)
@@ -351,7 +359,9 @@ class RunConfig:
     def flat(self) -> dict[str, Any]:
         """``{"model.width": 0.0625, "train.seed": 0, "runtime.device": "cpu", ...}``: one row
         per setting, for a table of what ran."""
-        return {f"{part}.{k}": v for part, values in self.to_dict().items() for k, v in values.items()}
+        return {
+            f"{part}.{k}": v for part, values in self.to_dict().items() for k, v in values.items()
+        }
 
 
 def num_blocks_for(segment_length: int) -> int:

@@ -122,8 +122,7 @@ PROFILES: dict[str, Profile] = {
         ),
         Profile(
             "tiny",
-            "A smoke test in seconds: width 1/16, bf16, 2 stages of at most 3 epochs of "
-            "10 steps.",
+            "A smoke test in seconds: width 1/16, bf16, 2 stages of at most 3 epochs of 10 steps.",
             {
                 "width": 1 / 16,
                 "bn_momentum": 0.1,

@@ -1,4 +1,4 @@
-"""Blocks against hand-written reference computations (SPEC §2.2)."""
+"""Blocks against hand-written reference computations (specification §2.2)."""
 
 import torch
 import torch.nn.functional as F

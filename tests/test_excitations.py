@@ -104,7 +104,7 @@ def _gates_by_hand(model, segments: np.ndarray) -> list[np.ndarray]:
     h = torch.relu(_bn(_conv(x, model.stem.conv), model.stem.bn))
     gates = []
     for block in model.blocks:
-        if hasattr(block, "conv"):  # SE block: gate on the pooled map (SPEC §2.2)
+        if hasattr(block, "conv"):  # SE block: gate on the pooled map (specification §2.2)
             out = _pool3(torch.relu(_bn(_conv(h, block.conv), block.bn)))
             g = _gate(out, block.se)
             h = out * g[..., None]

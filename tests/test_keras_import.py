@@ -1,7 +1,8 @@
 """Keras import: HDF5 fixtures in the Keras 2.0.5 layout, checked against a NumPy Keras forward.
 
 The fixtures are built here, layer by layer, the way the official code builds its model
-(SPEC §2; a residual block's projection shortcut is created before its main path), named the
+(specification §2; a residual block's projection shortcut is created before its main path),
+named the
 way Keras names layers, stored in the order Keras 2.0.5 stores them (by graph depth, which
 interleaves a block's shortcut with its main path) and written with h5py in the ``model.save``
 or ``save_weights`` layout. The reference output is a NumPy re-implementation of the Keras
@@ -144,7 +145,7 @@ def _residual_block(g, x, c_in, c, alpha, *, convs, se):
 
 
 def build_official(variant, rng, *, width, num_blocks, alpha, num_tags=50, **graph_options):
-    """The official model (SPEC §2) for one of our variant names, with random weights."""
+    """The official model (specification §2) for one of our variant names, with random weights."""
     block, _, head = variant.partition("-")
     g = KerasGraph(rng, **graph_options)
 

@@ -1,4 +1,7 @@
-"""The twelve variants: exact parameter counts, shapes, init, BN settings, errors (SPEC §2)."""
+"""The twelve variants: exact parameter counts, shapes, init, BN settings, errors.
+
+Specification §2.
+"""
 
 import hashlib
 import math
@@ -12,7 +15,7 @@ from resemul_core.config import model_config
 from resemul_core.model.blocks import Head, ResidualBlock, Shortcut, Stem
 from resemul_core.model.sample_cnn import architecture_summary, reset_parameters, variant_table
 
-# SPEC §2.4: (trainable, total incl. BN moving statistics) at width 1.0, 50 tags, alpha 16.
+# specification §2.4: (trainable, total incl. BN moving statistics) at width 1.0, 50 tags, alpha 16.
 PAPER_COUNTS = {
     "basic": (1_869_874, 1_875_762),
     "basic-multi": (2_683_442, 2_690_354),
@@ -182,7 +185,7 @@ def test_every_batchnorm_uses_keras_defaults():
 def test_projection_shortcuts_exactly_where_width_changes(name):
     model = build_model(name)
     projected = [i for i, b in enumerate(model.blocks) if b.shortcut is not None]
-    assert projected == [2, 8]  # 128 -> 256 and 256 -> 512 (SPEC §2.2)
+    assert projected == [2, 8]  # 128 -> 256 and 256 -> 512 (specification §2.2)
     for i in projected:
         shortcut = model.blocks[i].shortcut
         assert shortcut.conv.kernel_size == (1,) and isinstance(shortcut.bn, nn.BatchNorm1d)

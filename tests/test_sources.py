@@ -115,7 +115,7 @@ def test_mtat_quoted_unquoted_and_flat_layouts_read_the_same(tmp_path):
 def test_mtat_official_tags_keep_the_official_order(tmp_path):
     root = tmp_path / "mtat"
     # descending column order with equal counts: a stable sort would reverse nothing useful,
-    # the official order must win whenever the 50 selected tags are exactly SPEC §1.1's
+    # the official order must win whenever the 50 selected tags are exactly specification §1.1's
     tags = list(reversed(MTAT_TOP50_TAGS))
     (root / "mp3" / "0").mkdir(parents=True)
     sf.write(root / "mp3" / "0" / "x.mp3", np.zeros(800, np.float32), RATE)

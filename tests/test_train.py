@@ -136,7 +136,7 @@ def test_learning_rates_follow_the_paper():
     assert lrs == pytest.approx([0.01, 0.002, 4e-4, 8e-5, 1.6e-5])
     assert decayed_learning_rate(0.01, 0, decay=1e-6) == 0.01
     assert decayed_learning_rate(0.01, 1_000_000, decay=1e-6) == pytest.approx(0.005)
-    assert steps_per_epoch(152_500, config) == 6_631  # MTAT, SPEC §3
+    assert steps_per_epoch(152_500, config) == 6_631  # MTAT, specification §3
     assert steps_per_epoch(152_500, dataclasses.replace(config, max_steps_per_epoch=60)) == 60
 
 

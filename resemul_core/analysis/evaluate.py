@@ -1,10 +1,12 @@
-"""Clip-level evaluation: averaged segment predictions, macro ROC-AUC and PR-AUC (SPEC §3, §4).
+"""Clip-level evaluation: averaged segment predictions, macro ROC-AUC and PR-AUC.
+
+Specification §3 (test protocol) and §4 (the paper's numbers).
 
 Public: :func:`tag_metrics`, :class:`TagMetrics`, :func:`predict_clips`,
 :func:`evaluate_checkpoint`, :func:`write_metrics`, :func:`metrics_filename`,
 :func:`results_table`, :data:`PAPER_RESULTS`, :data:`PRIOR_WORK_RESULTS`.
 
-The test protocol of ``R:eval.py``: a clip's prediction is the mean of the sigmoid outputs
+The test protocol (specification §3): a clip's prediction is the mean of the sigmoid outputs
 of its segments (10 for MTAT), and the score is scikit-learn's macro ROC-AUC over the tags.
 :func:`tag_metrics` is a pure function of arrays; the rest runs a model over a store.
 """
@@ -51,10 +53,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: ROC-AUC reported for each variant (official poster, SPEC §4.1 MTAT test set; §4.2 MSD,
+#: ROC-AUC reported for each variant (official poster, specification §4.1 MTAT test set; §4.2 MSD,
 #: reported for the two best multi-level models and for the Basic block = SampleCNN only).
 PAPER_RESULTS: dict[str, dict[str, float]] = {
-    "basic": {"mtat": 0.9055, "msd": 0.8812},  # SMC'17 SampleCNN = Basic, no multi (SPEC §2.1)
+    "basic": {
+        "mtat": 0.9055,
+        "msd": 0.8812,
+    },  # SMC'17 SampleCNN = Basic, no multi (specification §2.1)
     "basic-multi": {"mtat": 0.9077},
     "se": {"mtat": 0.9083},
     "se-multi": {"mtat": 0.9111, "msd": 0.8840},
@@ -68,7 +73,7 @@ PAPER_RESULTS: dict[str, dict[str, float]] = {
     "rese2-multi": {"mtat": 0.9113, "msd": 0.8847},
 }
 
-#: ROC-AUC of the earlier models the paper compares with (SPEC §4.2).
+#: ROC-AUC of the earlier models the paper compares with (specification §4.2).
 PRIOR_WORK_RESULTS: dict[str, dict[str, float]] = {
     "Lee & Nam 2017, multi-level multi-scale (ICML-W)": {"mtat": 0.9064, "msd": 0.8842},
     "Lee & Nam 2017, multi-level multi-scale pretrained (SPL)": {"mtat": 0.9017, "msd": 0.8878},

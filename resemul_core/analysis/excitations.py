@@ -1,4 +1,4 @@
-"""Excitation analysis: what the squeeze-and-excitation gates learn (SPEC §5).
+"""Excitation analysis: what the squeeze-and-excitation gates learn (specification §5).
 
 Public:
 
@@ -16,7 +16,8 @@ the 1-based index of the block an SE gate belongs to (1..9 in the paper's model)
 
 Note:
     The poster reports 109 first-block channels with positive and 19 with negative
-    regression lines on loudness, while its own scatter plots slope the other way (SPEC §5.2).
+    regression lines on loudness, while its own scatter plots slope the other way
+    (specification §5.2).
     We report what the data says under :data:`SLOPE_CONVENTION`: slope = d excitation /
     d loudness, positive = excitation rises with loudness.
 """
@@ -71,7 +72,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: The paper's "standard deviations across tags" per block level of the SE-multi model on
-#: the MTAT test set, read off the published plot (SPEC §5.1; approximate to ~0.002).
+#: the MTAT test set, read off the published plot (specification §5.1; approximate to ~0.002).
 PAPER_STD_ACROSS_TAGS: dict[int, float] = {
     1: 0.055,
     2: 0.022,
@@ -85,7 +86,7 @@ PAPER_STD_ACROSS_TAGS: dict[int, float] = {
 }
 
 #: The poster's count of first-block channels with positive / negative regression lines of
-#: excitation on loudness (SPEC §5.2). Its own scatter plots suggest the opposite sign.
+#: excitation on loudness (specification §5.2). Its own scatter plots suggest the opposite sign.
 PAPER_SLOPE_COUNTS: dict[str, int] = {"positive": 109, "negative": 19}
 
 LOUDNESS_MEASURES = ("rms", "db")
@@ -123,7 +124,7 @@ class ExcitationSet:
     Attributes:
         levels: 1-based block level of each SE block, in block order.
         clip: one ``(K, C_i)`` float32 array per level: the gate averaged over the clip's
-            segments (SPEC §5.1).
+            segments (specification §5.1).
         segment: level -> ``(N, C_i)`` float32 per-segment gates, for the levels kept.
         segment_clip: ``(N,)`` int64, the row of ``clip``/``labels`` each segment belongs to.
         segment_rms: ``(N,)`` float32 RMS amplitude of each input segment (full scale = 1).
@@ -258,7 +259,7 @@ def extract_excitations(
 
     Note:
         Per-segment gates of all nine paper-size blocks over the MTAT test split take about
-        400 MB, so by default only the first block's are kept; clip means (SPEC §5.1) are
+        400 MB, so by default only the first block's are kept; clip means (specification §5.1) are
         accumulated on the fly for every level. Clips with no segments are skipped.
     """
     config: ModelConfig = model.config
@@ -469,7 +470,7 @@ def segment_loudness(
 
     Note:
         The poster does not define its loudness; its 0-0.5 axis on [-1, 1] audio fits an RMS
-        amplitude (SPEC §5.2), hence the default. No perceptual weighting is applied.
+        amplitude (specification §5.2), hence the default. No perceptual weighting is applied.
     """
     return _rms_as(segment_rms(segments), measure, floor_db=floor_db)
 
@@ -503,7 +504,7 @@ def clip_means(
 
 
 def tag_means(clip_excitations: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Mean excitation vector over the clips carrying each tag (SPEC §5.1).
+    """Mean excitation vector over the clips carrying each tag (specification §5.1).
 
     Args:
         clip_excitations: ``(K, C)`` clip-level excitations of one block.

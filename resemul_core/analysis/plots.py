@@ -3,7 +3,7 @@
 Public:
 
 * common: :func:`save_figure`;
-* excitation analysis (SPEC §5): :func:`plot_excitations_at_levels`,
+* excitation analysis (specification §5): :func:`plot_excitations_at_levels`,
   :func:`plot_first_block_excitations`, :func:`plot_std_across_tags`,
   :func:`plot_loudness_scatter`, :func:`excitation_figures`;
 * data views: :func:`plot_tag_counts`, :func:`plot_waveform_segments`,
@@ -87,9 +87,9 @@ def _finish(figure: Figure, path: str | os.PathLike | None) -> Figure:
     return figure
 
 
-# --- excitation analysis (issue 5, SPEC §5) -----------------------------------------------
+# --- excitation analysis (specification §5) ----------------------------------------------
 
-#: Contrasting MTAT tags of the paper's "excitations at each level" figure (SPEC §5.1).
+#: Contrasting MTAT tags of the paper's "excitations at each level" figure (specification §5.1).
 DEFAULT_CONTRAST_TAGS = ("classical", "metal", "dance")
 
 
@@ -138,7 +138,7 @@ def plot_excitations_at_levels(
 
     Returns:
         the figure, one axis per level; in each, channels are sorted by their mean
-        excitation over the drawn tags (SPEC §5.1 figure (a)).
+        excitation over the drawn tags (specification §5.1 figure (a)).
     """
     levels = list(tag_means)
     chosen = _pick_tags(tags, [tag_means[k] for k in levels], show_tags)
@@ -173,7 +173,7 @@ def plot_first_block_excitations(
         tag_means: ``(T, C)`` tag-mean excitations; NaN rows (tags without clips) are skipped.
         tags: the T tag names.
         split_at: draw a vertical line before this sorted channel index and label the two
-            groups' sizes, as the paper does at 109 (SPEC §5.1 figure (b)).
+            groups' sizes, as the paper does at 109 (specification §5.1 figure (b)).
         path: also save the figure there as PNG.
 
     Returns:
@@ -236,7 +236,7 @@ def plot_std_across_tags(
         path: also save the figure there as PNG.
 
     Returns:
-        a one-axis figure (SPEC §5.1 figure (c)).
+        a one-axis figure (specification §5.1 figure (c)).
     """
     figure, (ax,) = _figure(1, width=5.5, height=3.6)
     ax.plot(table["level"], table["std"], marker="o", label="this run")
@@ -270,7 +270,7 @@ def plot_loudness_scatter(
     seed: int = 0,
     path: str | os.PathLike | None = None,
 ) -> Figure:
-    """Excitation vs loudness per segment, with least-squares lines (SPEC §5.2).
+    """Excitation vs loudness per segment, with least-squares lines (specification §5.2).
 
     Args:
         excitations: ``(N, C)`` per-segment excitations of one block (the paper: the first).

@@ -6,7 +6,8 @@ Public: :func:`load_audio`, :func:`segment_waveform`, :class:`AudioDecodeError`,
 definition the store, the synthetic generator and the excitation analysis share).
 
 The official code decodes with madmom → ffmpeg (mono, 22,050 Hz, first 29 s, float in [-1, 1])
-and cuts non-overlapping 59,049-sample segments from the start, dropping the tail (SPEC §1.1).
+and cuts non-overlapping 59,049-sample segments from the start, dropping the tail
+(specification §1.1).
 Here libsndfile (via ``soundfile``) decodes mp3/wav/flac/ogg and ``soxr`` resamples; no ffmpeg is
 needed.
 """
@@ -38,13 +39,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Sample rate the models see, in Hz (SPEC §1.1, madmom ``sample_rate=22050``).
+#: Sample rate the models see, in Hz (specification §1.1, madmom ``sample_rate=22050``).
 SAMPLE_RATE = 22_050
-#: Samples per model input: 3**10 ≈ 2.678 s at 22,050 Hz (SPEC §1.1).
+#: Samples per model input: 3**10 ≈ 2.678 s at 22,050 Hz (specification §1.1).
 SEGMENT_LENGTH = 59_049
-#: Segments kept per clip: floor(29 s × 22,050 / 59,049) = 10 (SPEC §1.1).
+#: Segments kept per clip: floor(29 s × 22,050 / 59,049) = 10 (specification §1.1).
 SEGMENTS_PER_CLIP = 10
-#: Seconds of audio decoded from the start of each clip (madmom ``stop=29``, SPEC §1.1).
+#: Seconds of audio decoded from the start of each clip (madmom ``stop=29``, specification §1.1).
 CLIP_DURATION = 29.0
 #: File name extensions the dataset adapters accept as audio (lower case, with the dot).
 AUDIO_EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg")

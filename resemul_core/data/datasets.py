@@ -5,7 +5,8 @@ Public: :class:`SegmentDataset`, :class:`SegmentBatches`, :class:`ClipDataset`,
 
 All read the store's int16 memmap lazily in the process that indexes them, so they are safe
 with ``DataLoader(num_workers>0)`` under fork and spawn alike. Every segment inherits its clip's
-label vector (SPEC §1.1); clip-level predictions average over the clip's segments at evaluation.
+label vector (specification §1.1); clip-level predictions average over the clip's segments at
+evaluation.
 """
 
 from __future__ import annotations

@@ -42,13 +42,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: ``paper``: Lee et al.'s split (SPEC §1.1/§1.2): also drop clips with less than 29.1 s of
+#: ``paper``: Lee et al.'s split (specification §1.1/§1.2): also drop clips with less than 29.1 s of
 #: audio and MTAT's three known zero-byte files. ``resemul``: the official code's split.
 SPLIT_POLICIES = ("paper", "resemul")
 #: Seconds of audio a clip needs under the ``paper`` policy (poster: "29.1 s each").
 PAPER_MIN_DURATION = 29.1
 
-#: MTAT's three zero-byte mp3s (SPEC §1.1), as ``mp3_path`` values of annotations_final.csv.
+#: MTAT's three zero-byte mp3s (specification §1.1), as ``mp3_path`` values of
+#: annotations_final.csv.
 MTAT_KNOWN_BROKEN = (
     "6/norine_braun-now_and_zen-08-gently-117-146.mp3",
     "8/jacob_heringman-josquin_des_prez_lute_settings-19-gintzler__pater_noster-204-233.mp3",
@@ -57,7 +58,7 @@ MTAT_KNOWN_BROKEN = (
 )
 _MTAT_REAL_ROWS = 25_863
 # (train, valid, test) clips after the adapter, and in the finished store, on the real data:
-# the store loses the 3 zero-byte files (resemul) or 3 short clips (paper) (SPEC §1.1).
+# the store loses the 3 zero-byte files (resemul) or 3 short clips (paper) (specification §1.1).
 _MTAT_EXPECTED = {
     "paper": {"source": (15_247, 1_529, 4_332), "store": (15_244, 1_529, 4_332)},
     "resemul": {"source": (15_250, 1_529, 4_332), "store": (15_247, 1_529, 4_332)},
@@ -214,11 +215,11 @@ def read_mtat(
             it only for scaled-down test data).
 
     Split by the first character of ``mp3_path``: ``0``–``b`` train, ``c`` valid, ``d``–``f``
-    test (SPEC §1.1). Clips with none of the selected tags are dropped ('no tag'), as are
+    test (specification §1.1). Clips with none of the selected tags are dropped ('no tag'), as are
     listed clips whose mp3 does not exist ('missing file').
 
     Note:
-        When the selected tags are exactly SPEC §1.1's 50, their order is taken from
+        When the selected tags are exactly specification §1.1's 50, their order is taken from
         :data:`~resemul_core.data.tags.MTAT_TOP50_TAGS` (the official code's argsort order), so
         ties in the counts cannot reorder the label columns.
     """
@@ -255,7 +256,9 @@ def read_mtat(
     keep = ~no_tag
     if split_policy == "paper":
         broken = clips["path"].isin(MTAT_KNOWN_BROKEN).to_numpy() & keep
-        dropped += _drop(clips, broken, "known broken", "zero-byte file in MTAT (SPEC §1.1)")
+        dropped += _drop(
+            clips, broken, "known broken", "zero-byte file in MTAT (specification §1.1)"
+        )
         keep &= ~broken
     clips, labels = clips.loc[keep].reset_index(drop=True), labels[keep]
     clips, labels, missing = _drop_missing_audio(clips, labels, audio_root, "MTAT mp3 folders")
@@ -306,7 +309,7 @@ def read_msd(
     path_patterns: Sequence[str] = MSD_PATH_PATTERNS,
     min_duration: float = PAPER_MIN_DURATION,
 ) -> Source:
-    """The Million Song Dataset's Last.fm top-50 split of Choi et al. (SPEC §1.2).
+    """The Million Song Dataset's Last.fm top-50 split of Choi et al. (specification §1.2).
 
     Args:
         root: folder with Choi's split files (github keunwoochoi/MSD_split_for_tagging), per

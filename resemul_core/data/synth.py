@@ -3,7 +3,8 @@
 Public: :func:`generate_dataset`, :data:`SYNTH_TAGS`, :data:`DEFAULT_NUM_CLIPS`.
 
 :func:`generate_dataset` writes ``annotations_final.csv`` and ``mp3/<0..f>/<name>.mp3`` exactly
-as MTAT lays them out (SPEC §1.1), so the real MTAT reader, split and pipeline run on it offline:
+as MTAT lays them out (specification §1.1), so the real MTAT reader, split and pipeline run on it
+offline:
 16 kHz mono mp3 clips of 29.1 s, a tab-separated CSV with double-quoted values, a ``clip_id``
 column, one 0/1 column per tag and an ``mp3_path`` relative to ``mp3/``. All audio is made with
 numpy; the only encoder is libsndfile's MP3 writer.

@@ -1,4 +1,4 @@
-"""Tag vocabularies of the paper's datasets (SPEC §1).
+"""Tag vocabularies of the paper's datasets (specification §1).
 
 Public: :data:`MTAT_TOP50_TAGS`, :data:`MSD_TOP50_TAGS`.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 __all__ = ["MTAT_TOP50_TAGS", "MSD_TOP50_TAGS"]
 
 #: MagnaTagATune's 50 most frequent tags in the official code's output order: ascending
-#: popularity over all 25,863 clips (SPEC §1.1). The order matters only for the released
+#: popularity over all 25,863 clips (specification §1.1). The order matters only for the released
 #: Keras weights; ROC-AUC does not depend on it.
 MTAT_TOP50_TAGS: tuple[str, ...] = (
     "choral", "female voice", "metal", "country", "weird", "no voice", "cello", "harp",
@@ -19,7 +19,7 @@ MTAT_TOP50_TAGS: tuple[str, ...] = (
     "rock", "electronic", "drums", "strings", "techno", "slow", "classical", "guitar",
 )  # fmt: skip
 
-#: The Million Song Dataset's 50 Last.fm tags of Choi's split, in its order (SPEC §1.2).
+#: The Million Song Dataset's 50 Last.fm tags of Choi's split, in its order (specification §1.2).
 MSD_TOP50_TAGS: tuple[str, ...] = (
     "rock", "pop", "alternative", "indie", "electronic", "female vocalists", "dance", "00s",
     "alternative rock", "jazz", "beautiful", "metal", "chillout", "male vocalists",

@@ -66,7 +66,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def add_excitation_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "excitations",
-        help="extract and analyse the SE gates of a trained model (paper Sec. 4.3, SPEC §5)",
+        help="extract and analyse the SE gates of a trained model (paper Sec. 4.3)",
         description="Writes OUT/excitations.npz, OUT/summary.json and the figures as PNG.",
     )
     p.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="run directory or .pt file")

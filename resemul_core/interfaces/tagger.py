@@ -6,8 +6,8 @@ New audio goes through exactly the path the training data went through
 (:func:`~resemul_core.data.audio.load_audio` then
 :func:`~resemul_core.data.audio.segment_waveform`), with the sample rate, segment length and
 segments per clip recorded in the checkpoint, and the clip-level prediction is the mean of the
-segments' sigmoid outputs (SPEC §3, test protocol): the forward loop and the clip average are
-:mod:`resemul_core.model.inference`'s.
+segments' sigmoid outputs (the test protocol, specification §3): the forward loop and the clip
+average are :mod:`resemul_core.model.inference`'s.
 """
 
 from __future__ import annotations

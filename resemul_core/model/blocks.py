@@ -1,4 +1,4 @@
-"""Building blocks of the sample-level CNNs (Kim, Lee & Nam, ICASSP 2018, SPEC §2.2).
+"""Building blocks of the sample-level CNNs (Kim, Lee & Nam, ICASSP 2018, specification §2.2).
 
 Public: :class:`Stem`, :class:`SqueezeExcitation`, :class:`BasicBlock`, :class:`Shortcut`,
 :class:`ResidualBlock`, :class:`Head`.
@@ -80,7 +80,7 @@ class SqueezeExcitation(nn.Module):
 
     Args:
         channels: C, the number of channels gated.
-        alpha: expansion ratio of the hidden layer (SPEC §2.2, default 16).
+        alpha: expansion ratio of the hidden layer (specification §2.2, default 16).
 
     Shapes:
         input ``(B, C, T)`` -> gate ``(B, C)`` with values in (0, 1).
@@ -101,7 +101,7 @@ class BasicBlock(nn.Module):
     """Conv(k3) -> BN -> ReLU -> MaxPool(3), optionally followed by an SE gate.
 
     With ``se_alpha`` set this is the paper's SE block: the gate is computed on the
-    pooled, post-ReLU map and scales it channel-wise (SPEC §2.2, ``R:model.py:25-28``).
+    pooled, post-ReLU map and scales it channel-wise (specification §2.2).
 
     Args:
         c_in: input channels.
@@ -175,7 +175,7 @@ class ResidualBlock(nn.Module):
     set (ReSE), the main path is scaled by its SE gate after its last BN and before the
     addition. The shortcut is the identity (``shortcut`` is ``None``) when the width is
     unchanged, else a :class:`Shortcut`, a 1x1 convolution + BN (no ReLU). Output:
-    ``MaxPool(ReLU(shortcut + main))`` (SPEC §2.2).
+    ``MaxPool(ReLU(shortcut + main))`` (specification §2.2).
 
     Args:
         c_in: input channels.
@@ -192,7 +192,7 @@ class ResidualBlock(nn.Module):
 
     Note:
         Res-1/ReSE-1 are absent from the official code; they follow the poster's figure
-        and the authors' follow-up code (SPEC §2.2): no dropout for n = 1.
+        and the authors' follow-up code (specification §2.2): no dropout for n = 1.
     """
 
     def __init__(

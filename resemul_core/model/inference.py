@@ -20,7 +20,7 @@ The device: callers pass a resolved ``torch.device``; user-facing functions take
 :func:`~resemul_core.runtime.select_device`.
 
 A clip's prediction is the mean over its segments of the sigmoid outputs (the test protocol
-of ``R:eval.py``): :func:`clip_average`.
+of specification §3): :func:`clip_average`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ The official code released ``se-multi-auc_0.9111-tfrmodel.hdf5`` and
 ``rese-multi-auc_0.9113-tfrmodel.hdf5``, written by Keras 2.0.5's ``model.save``. They are read
 with h5py alone (no TensorFlow). Only layers with weights matter: ``Conv1D``, ``Dense`` and
 ``BatchNormalization``. They are matched to our model's layers in the official code's
-*construction* order (``R:model.py``): stem conv, BN; per block the projection shortcut's 1x1
+*construction* order (specification §2): stem conv, BN; per block the projection shortcut's 1x1
 conv and BN when the width changes (the official code creates them before the main path), the
 main path's convs and BNs, the SE block's two denses; then the head's dense, BN and dense.
 

@@ -1,4 +1,4 @@
-"""The sample-level CNN and its twelve named variants (SPEC §2).
+"""The sample-level CNN and its twelve named variants (specification §2).
 
 Public: :data:`VARIANTS`, :class:`ModelConfig`, :class:`SampleCNN`, :func:`build_model`,
 :func:`model_config`, :func:`count_parameters`, :func:`variant_table`.
@@ -182,7 +182,7 @@ def _keras_uniform_bound(weight: torch.Tensor, *, kind: str) -> float:
     """The Keras 2.0.5 ``he_uniform`` / ``glorot_uniform`` bound, fan bug included.
 
     Keras 2.0.5 computed a 3-D kernel ``(k, C_in, C_out)``'s receptive field as
-    ``k * C_in``, giving fan_in = k * C_in**2 and fan_out = k * C_in * C_out (SPEC §2.3).
+    ``k * C_in``, giving fan_in = k * C_in**2 and fan_out = k * C_in * C_out (specification §2.3).
     """
     if weight.dim() == 3:  # PyTorch Conv1d weight: (C_out, C_in, k)
         c_out, c_in, k = weight.shape
@@ -225,7 +225,7 @@ def reset_parameters(model: SampleCNN, *, init: str = "keras") -> None:
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:
     """Number of parameters; with ``trainable_only=False`` BN running statistics are added,
-    which is Keras' "total params" (SPEC §2.4)."""
+    which is Keras' "total params" (specification §2.4)."""
     count = sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
     if not trainable_only:
         count += sum(

@@ -1,8 +1,10 @@
-"""Training with the paper's recipe: staged Nesterov SGD, early stopping, resumable runs (SPEC §3).
+"""Training with the paper's recipe: staged Nesterov SGD, early stopping, resumable runs.
+
+The recipe is specification §3.
 
 Public: :func:`train`, :func:`train_step`, :func:`validation_loss`.
 
-The recipe (``R:train.py``): five learning-rate stages 0.01 → 1.6e-5 (×0.2); each starts from
+The recipe (specification §3): five learning-rate stages 0.01 → 1.6e-5 (×0.2); each starts from
 the previous stage's best-validation-loss weights with a fresh SGD optimizer (momentum 0.9,
 Nesterov, Keras time decay 1e-6 per step); a stage ends at the 3rd consecutive epoch without a
 lower validation loss. An epoch is ``ceil(train segments / 23)`` steps of 23 random segments.
@@ -19,7 +21,8 @@ Resuming is exact: the data order of an epoch is a function of ``(seed, epoch)``
 within the epoch is saved, and so are the optimizer and all RNG states; a resumed CPU run ends
 with bit-identical weights to an uninterrupted one.
 
-Under ``torchrun`` the same call trains data-parallel (DDP, :mod:`resemul_core.training.distributed`):
+Under ``torchrun`` the same call trains data-parallel (DDP,
+:mod:`resemul_core.training.distributed`):
 every rank takes its contiguous share of each global batch of ``batch_size`` segments (the rows
 of :func:`epoch_batches`), weights its loss by its share so that DDP's gradient average is the
 global batch mean, and BatchNorm statistics are over the global batch (``sync_bn``); rank 0
@@ -143,7 +146,8 @@ def train(
     Note:
         Started by ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set), every process
         calls this and they train one model data-parallel (see the module docstring and
-        :mod:`resemul_core.training.distributed`); the store and ``run_dir`` must be visible to every
+        :mod:`resemul_core.training.distributed`); the store and ``run_dir`` must be visible to
+        every
         rank. A DDP run resumed with the same number of processes continues exactly; with
         another number it continues correctly but with other dropout masks.
     """
@@ -346,7 +350,7 @@ def validation_loss(
 
     Note:
         The official validation averages 665 batch means of 23 segments from a looping reader
-        that over-reads 5 segments (SPEC §3); this is the exact mean over the segments.
+        that over-reads 5 segments (specification §3); this is the exact mean over the segments.
     """
     device = select_device(str(device))
     if distributed:

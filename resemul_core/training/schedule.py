@@ -71,7 +71,7 @@ def update_stage(
 
     An epoch improves when ``val_loss < best_loss`` (min_delta 0; NaN never improves). On a
     non-improving epoch Keras 2.0.5 first checks ``wait >= patience`` and only then increments
-    ``wait`` (``K205:keras/callbacks.py:490-503``), so with patience 2 the stage ends at the
+    ``wait`` (specification §3), so with patience 2 the stage ends at the
     3rd consecutive epoch without improvement. A stage also ends after ``max_epochs`` epochs.
 
     Args:
@@ -127,7 +127,7 @@ def epoch_batches(
 
     Note:
         The official pipeline streams full batches of 23 from a shuffle buffer; a full
-        permutation per epoch is the spec's equivalent (SPEC §3). Filling the last batch from
+        permutation per epoch is the equivalent (specification §3). Filling the last batch from
         the permutation's start (rather than a short batch) keeps every step at 23 segments
         and avoids a batch of one, which BatchNorm cannot normalise.
     """
@@ -144,7 +144,8 @@ def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         targets: ``(B, T)`` 0/1 labels.
 
     Note:
-        Keras clips the sigmoid output to [1e-7, 1 - 1e-7] before the log (SPEC §3), which caps
+        Keras clips the sigmoid output to [1e-7, 1 - 1e-7] before the log (specification §3),
+        which caps
         the per-tag loss at about 16.1 and zeroes its gradient for saturated outputs. This is
         PyTorch's numerically stable ``binary_cross_entropy_with_logits`` without that clip;
         the two agree unless a logit exceeds about ±16.

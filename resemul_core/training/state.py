@@ -417,7 +417,7 @@ class _Run:
             write_log_row(self.dir / RUN_LOG, row)
 
     def next_stage(self) -> None:
-        """Restart from this stage's best weights with a fresh optimizer (``R:train.py:59-62``)."""
+        """Restart from this stage's best weights with a fresh optimizer (specification §3)."""
         stage, epoch = self.state.stage.stage, self.state.stage.best_epoch
         payload = read_checkpoint(self.best_path)
         if (
@@ -522,8 +522,7 @@ def check_fits_store(model: ModelConfig, store: SegmentStore) -> None:
         )
     if model.num_tags != len(store.tags):
         raise ValueError(
-            f"store {store.path} has {len(store.tags)} tags but the model predicts "
-            f"{model.num_tags}"
+            f"store {store.path} has {len(store.tags)} tags but the model predicts {model.num_tags}"
         )
 
 
@@ -536,4 +535,3 @@ def _rank_device(name: str, ranks: Ranks) -> torch.device:
     if ranks.distributed:
         return torch.device("cuda", ranks.local_rank)
     return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
-
