@@ -24,14 +24,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from resemul_core._version import __version__
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     "VARIANTS": "config",
     "ModelConfig": "config",
     "TrainConfig": "config",
-    "PROFILES": "config",
+    "PROFILES": "profiles",
     "model_config": "config",
     "SampleCNN": "model.sample_cnn",
     "build_model": "model.sample_cnn",
@@ -57,7 +57,7 @@ _EXPORTS: dict[str, str] = {
     "tag_metrics": "analysis.evaluate",
     "extract_excitations": "analysis.excitations",
     "load_excitations": "analysis.excitations",
-    "summarize_excitations": "analysis.excitations",
+    "summarize_excitations": "analysis.excitation_stats",
     "import_keras": "model.keras_import",
     "Tagger": "interfaces.tagger",
 }

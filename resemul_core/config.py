@@ -104,6 +104,11 @@ class Variant:
     se: bool
 
 
+def variant_name(block: str, multi: bool) -> str:
+    """The registry name of a block type with or without multi-level aggregation."""
+    return f"{block}-multi" if multi else block
+
+
 # block type -> (residual convs n or 0 for the plain conv block, uses SE)
 _BLOCK_SPECS: dict[str, tuple[int, bool]] = {
     "basic": (0, False),
@@ -120,7 +125,7 @@ VARIANTS: dict[str, Variant] = {
     name: Variant(name, block, multi, *_BLOCK_SPECS[block])
     for block in BLOCK_TYPES
     for multi in (False, True)
-    for name in [f"{block}-multi" if multi else block]
+    for name in [variant_name(block, multi)]
 }
 
 
@@ -195,7 +200,7 @@ class ModelConfig(DictConfig):
     @property
     def variant(self) -> str:
         """The registry name of this configuration's block type and head."""
-        return f"{self.block}{'-multi' if self.multi else ''}"
+        return variant_name(self.block, self.multi)
 
     def block_channels(self) -> list[int]:
         """Output width of each block: 128, 128, 256 x (n-3), 512 at width 1.0.

@@ -18,13 +18,13 @@ from resemul_core.analysis.evaluate import (
     predict_clips,
     results_table,
     tag_metrics,
-    write_metrics,
 )
 from resemul_core.config import VARIANTS
 from resemul_core.data.store import write_store_from_arrays
 from resemul_core.interfaces.cli import main as cli_main
 from resemul_core.model.checkpoint import save_checkpoint
 from resemul_core.model.sample_cnn import build_model
+from resemul_core.training.run_dir import write_metrics
 
 LENGTH = 3**5
 

@@ -9,20 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from resemul_core import VARIANTS, build_model
-from resemul_core.analysis.excitations import (
+from resemul_core.analysis.excitation_stats import (
     DEFAULT_FLOOR_DB,
     PAPER_STD_ACROSS_TAGS,
-    ExcitationSet,
     clip_means,
-    extract_excitations,
-    load_excitations,
     loudness_regression,
     loudness_summary,
     notable_channels,
-    require_se,
     rms_to_db,
-    save_excitations,
-    se_variants,
     segment_loudness,
     segment_rms,
     slope_counts,
@@ -30,6 +24,14 @@ from resemul_core.analysis.excitations import (
     std_per_level,
     summarize_excitations,
     tag_means,
+)
+from resemul_core.analysis.excitations import (
+    ExcitationSet,
+    extract_excitations,
+    load_excitations,
+    require_se,
+    save_excitations,
+    se_variants,
 )
 from resemul_core.data import audio
 from resemul_core.data.store import write_store_from_arrays

@@ -24,12 +24,11 @@ from resemul_core import build_model
 from resemul_core.data.tags import MTAT_TOP50_TAGS
 from resemul_core.interfaces.cli import main
 from resemul_core.model.checkpoint import load_checkpoint
+from resemul_core.model.keras_file import KerasImportError, read_keras_file
 from resemul_core.model.keras_import import (
-    KerasImportError,
     convert_keras_checkpoint,
     import_keras,
     keras_layer_table,
-    read_keras_file,
 )
 
 SMALL = {"width": 1 / 16, "num_blocks": 5, "alpha": 4.0}

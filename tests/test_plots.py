@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from resemul_core.analysis import excitations as analysis
-from resemul_core.analysis.excitations import (
+from resemul_core.analysis import excitation_stats
+from resemul_core.analysis.excitation_stats import (
     PAPER_STD_ACROSS_TAGS,
-    ExcitationSet,
     clip_means,
     loudness_summary,
     std_per_level,
     summarize_excitations,
 )
+from resemul_core.analysis.excitations import ExcitationSet
 from resemul_core.analysis.plots import (
     excitation_figures,
     plot_excitations_at_levels,
@@ -179,7 +179,7 @@ def test_excitation_figures_draw_the_summarys_lines_and_fit_nothing(monkeypatch)
         raise AssertionError("a figure fitted again what the analysis had fitted")
 
     for name in ("loudness_regression", "std_per_level", "std_across_tags"):
-        monkeypatch.setattr(analysis, name, refit)
+        monkeypatch.setattr(excitation_stats, name, refit)
     monkeypatch.setattr(np, "polyfit", refit)
     figures = excitation_figures(result, summary=summary)
     loud = result.loudness("db", floor_db=-60.0)
@@ -199,13 +199,13 @@ def test_excitation_figures_draw_the_summarys_lines_and_fit_nothing(monkeypatch)
 
 def test_without_a_summary_the_figures_fit_once_through_the_analysis(monkeypatch):
     calls = []
-    real = analysis.loudness_regression
+    real = excitation_stats.loudness_regression
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(analysis, "loudness_regression", counted)
+    monkeypatch.setattr(excitation_stats, "loudness_regression", counted)
     excitation_figures(_excitation_set(), loudness="db")
     assert len(calls) == 2  # one summary: the per-channel table and the channel average
     ex, loud = _excitation_set().segment_level(1), _excitation_set().loudness()

@@ -54,3 +54,10 @@ def test_models_command_prints_the_twelve_variants(capsys):
 def test_models_command_accepts_width(capsys):
     assert main(["models", "--width", "0.25", "--num-tags", "10"]) == 0
     assert "basic-multi" in capsys.readouterr().out
+
+
+def test_every_name_the_package_exports_resolves():
+    import resemul_core
+
+    for name in resemul_core.__all__:
+        assert getattr(resemul_core, name) is not None, name

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from resemul_core.analysis.excitations import segment_loudness
+from resemul_core.analysis.excitation_stats import segment_loudness
 from resemul_core.data.audio import LOUDNESS_FLOOR_DB, dbfs, load_audio, rms, segment_waveform
 from resemul_core.data.prepare import prepare_store, store_summary
 from resemul_core.data.sources import read_table

@@ -24,6 +24,7 @@ from resemul_core.data.synth import (
     ensure_dataset,
     generate_dataset,
 )
+from resemul_core.data.synth_audio import render_clip
 from resemul_core.data.synth_release import ensure_release, generate_release, shift_mp3_gain
 from resemul_core.data.tags import MTAT_TOP50_TAGS
 from resemul_core.interfaces import cli
@@ -196,14 +197,14 @@ def test_level_spans_30_db_and_drives_loud_and_quiet(small):
     assert np.abs(measured - planned).max() < 1.0
     assert measured[table["quiet"] == 1].max() < measured[table["loud"] == 1].min() - 15
     assert summary["level_db"][1] - summary["level_db"][0] > 15
-    rendered = [dbfs(rms(synth._render(c.spec, c.audio_seed, 16000, 48000))) for c in plan]
+    rendered = [dbfs(rms(render_clip(c.spec, c.audio_seed, 16000, 48000))) for c in plan]
     assert summary["level_db"] == (round(min(rendered), 2), round(max(rendered), 2))
     # and the extremes of the level range render 32 dB apart without clipping
     quietest, loudest = (
         dataclasses.replace(plan[0].spec, level_db=level) for level in synth._LEVEL_DB
     )
-    low = synth._render(quietest, plan[0].audio_seed, 16000, 32000)
-    high = synth._render(loudest, plan[0].audio_seed, 16000, 32000)
+    low = render_clip(quietest, plan[0].audio_seed, 16000, 32000)
+    high = render_clip(loudest, plan[0].audio_seed, 16000, 32000)
     assert dbfs(rms(high)) - dbfs(rms(low)) > 30 and np.abs(high).max() < 0.91
 
 

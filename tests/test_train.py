@@ -18,6 +18,7 @@ import torch
 from conftest import TEST_DETERMINISTIC, TEST_DEVICE, pinned_config
 
 import resemul_core.training.loop as train_mod
+import resemul_core.training.rng as rng_mod
 import resemul_core.training.state as state_mod
 from resemul_core import runtime
 from resemul_core.analysis.evaluate import evaluate_checkpoint
@@ -529,12 +530,12 @@ def test_a_resume_may_not_change_the_precision(store, tmp_path):
 def test_only_the_run_devices_cuda_rng_state_is_restored():
     states = [torch.full((4,), k, dtype=torch.uint8) for k in range(3)]
     cuda = torch.device
-    assert state_mod.saved_cuda_rng_state(states, cuda("cpu")) is None
-    assert state_mod.saved_cuda_rng_state([], cuda("cuda", 0)) is None  # a CPU run, on a GPU
-    assert state_mod.saved_cuda_rng_state(states[2:], cuda("cuda", 1)) is states[2]
+    assert rng_mod.saved_cuda_rng_state(states, cuda("cpu")) is None
+    assert rng_mod.saved_cuda_rng_state([], cuda("cuda", 0)) is None  # a CPU run, on a GPU
+    assert rng_mod.saved_cuda_rng_state(states[2:], cuda("cuda", 1)) is states[2]
     # per-GPU lists of earlier versions: the device's own entry, or the first when it is gone
-    assert state_mod.saved_cuda_rng_state(states, cuda("cuda", 1)) is states[1]
-    assert state_mod.saved_cuda_rng_state(states[:2], cuda("cuda", 5)) is states[0]
+    assert rng_mod.saved_cuda_rng_state(states, cuda("cuda", 1)) is states[1]
+    assert rng_mod.saved_cuda_rng_state(states[:2], cuda("cuda", 5)) is states[0]
 
 
 def test_a_checkpoint_with_cuda_rng_states_of_other_gpus_resumes(store, tmp_path, reference_run):

@@ -3,7 +3,7 @@
 Specification §3 (test protocol) and §4 (the paper's numbers).
 
 Public: :func:`tag_metrics`, :class:`TagMetrics`, :func:`predict_clips`,
-:func:`evaluate_checkpoint`, :func:`write_metrics`, :func:`metrics_filename`,
+:func:`evaluate_checkpoint`,
 :func:`results_table`, :data:`PAPER_RESULTS`, :data:`PRIOR_WORK_RESULTS`.
 
 The test protocol (specification §3): a clip's prediction is the mean of the sigmoid outputs
@@ -13,13 +13,11 @@ of its segments (10 for MTAT), and the score is scikit-learn's macro ROC-AUC ove
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,23 +30,20 @@ from torch.utils.data import DataLoader
 from resemul_core.config import VARIANTS
 from resemul_core.data.datasets import ClipDataset
 from resemul_core.data.store import SegmentStore, open_store
-from resemul_core.files import write_json
 from resemul_core.model.checkpoint import load_checkpoint
 from resemul_core.model.inference import clip_average, run_model
 from resemul_core.runtime import select_device
-from resemul_core.training.run_dir import metrics_filename, resolve_checkpoint
+from resemul_core.training.run_dir import read_metrics, resolve_checkpoint
 
 __all__ = [
     "PAPER_RESULTS",
     "PRIOR_WORK_RESULTS",
     "TagMetrics",
     "evaluate_checkpoint",
-    "evaluate_runs",
     "per_tag_frame",
     "predict_clips",
     "results_table",
     "tag_metrics",
-    "write_metrics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -329,27 +324,6 @@ def evaluate_checkpoint(
     return result
 
 
-def write_metrics(result: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
-    """Atomically write an :func:`evaluate_checkpoint` result as ``OUT/metrics[_split].json``."""
-    path = Path(out_dir) / metrics_filename(str(result["split"]))
-    write_json(path, dict(result))
-    return path
-
-
-def _read_metrics(source: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
-    if isinstance(source, Mapping):
-        return source
-    path = Path(source)
-    if path.is_dir():
-        path = path / metrics_filename("test")
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics file {path}; run 'resemul evaluate' first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-
-
 def results_table(
     runs: Iterable[str | os.PathLike | Mapping[str, Any]], *, dataset: str = "mtat"
 ) -> pd.DataFrame:
@@ -366,7 +340,7 @@ def results_table(
     """
     rows = []
     for run in runs:
-        metrics = _read_metrics(run)
+        metrics = read_metrics(run)
         variant = metrics["variant"]
         paper = PAPER_RESULTS.get(variant, {}).get(dataset, math.nan)
         roc = metrics["roc_auc"] if metrics["roc_auc"] is not None else math.nan
@@ -387,34 +361,6 @@ def results_table(
     return table.sort_values("variant", key=lambda s: s.map(order), kind="stable").reset_index(
         drop=True
     )
-
-
-def evaluate_runs(
-    runs: Mapping[str, str | os.PathLike],
-    store: SegmentStore | str | os.PathLike,
-    *,
-    split: str = "test",
-    device: str = "auto",
-    progress: bool = True,
-) -> dict[str, dict[str, Any]]:
-    """Evaluate the ``best.pt`` of several run directories and write each one's metrics file.
-
-    Args:
-        runs: ``{variant: run_dir}`` (e.g. from :func:`resemul_core.training.run_dir.find_runs`).
-        store: the segment store.
-        split: the split to score.
-
-    Returns:
-        ``{variant: result}`` with the dicts of :func:`evaluate_checkpoint`.
-    """
-    if not isinstance(store, SegmentStore):
-        store = open_store(store)
-    results = {}
-    for variant, run_dir in runs.items():
-        result = evaluate_checkpoint(run_dir, store, split=split, device=device, progress=progress)
-        write_metrics(result, run_dir)
-        results[variant] = result
-    return results
 
 
 def per_tag_frame(results: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:

@@ -13,9 +13,10 @@ Public:
 
 Figures are built on ``matplotlib.figure.Figure`` rather than ``pyplot`` so that no global
 figure registry grows in long sessions; Jupyter's inline backend still displays a returned
-``Figure``. The numbers come from the pure analyses in :mod:`resemul_core.analysis.excitations`:
-the excitation figures draw what :func:`~resemul_core.analysis.excitations.summarize_excitations`
-computed (its regression lines, slope counts and std table) and fit nothing themselves.
+``Figure``. The numbers come from the pure analyses in
+:mod:`resemul_core.analysis.excitation_stats`: the excitation figures draw what
+:func:`~resemul_core.analysis.excitation_stats.summarize_excitations` computed (its regression
+lines, slope counts and std table) and fit nothing themselves.
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from resemul_core.analysis.excitations import (
+from resemul_core.analysis.excitation_stats import (
     DEFAULT_FLOOR_DB,
     PAPER_STD_ACROSS_TAGS,
-    ExcitationSet,
     loudness_summary,
     summarize_excitations,
 )
+from resemul_core.analysis.excitations import ExcitationSet
 from resemul_core.config import VARIANTS
 from resemul_core.data.store import SPLITS
 from resemul_core.files import atomic_write
@@ -229,9 +230,9 @@ def plot_std_across_tags(
     """The "standard deviations across tags" per block level, with the paper's values.
 
     Args:
-        table: :func:`~resemul_core.analysis.excitations.std_per_level` output (``level``,
+        table: :func:`~resemul_core.analysis.excitation_stats.std_per_level` output (``level``,
             ``std``), or the ``std_across_tags`` rows of a summary as a DataFrame.
-        paper: overlay :data:`~resemul_core.analysis.excitations.PAPER_STD_ACROSS_TAGS` (read
+        paper: overlay :data:`~resemul_core.analysis.excitation_stats.PAPER_STD_ACROSS_TAGS` (read
             off the paper's plot of the 9-block SE-multi model on MTAT).
         path: also save the figure there as PNG.
 
@@ -275,7 +276,7 @@ def plot_loudness_scatter(
     Args:
         excitations: ``(N, C)`` per-segment excitations of one block (the paper: the first).
         loudness: ``(N,)`` per-segment loudness.
-        fits: the lines to draw, :func:`~resemul_core.analysis.excitations.loudness_summary`
+        fits: the lines to draw, :func:`~resemul_core.analysis.excitation_stats.loudness_summary`
             of these arrays (a summary's ``"loudness"``); omitted: computed here by it.
         measure: ``"rms"`` or ``"db"``; default: that of ``fits``, else ``"rms"``.
         max_points: at most this many randomly chosen segments are drawn per panel; the
@@ -334,7 +335,7 @@ def excitation_figures(
 
     Args:
         excitations: the extracted gates; its first level needs per-segment gates.
-        summary: its :func:`~resemul_core.analysis.excitations.summarize_excitations`, whose
+        summary: its :func:`~resemul_core.analysis.excitation_stats.summarize_excitations`, whose
             std table, slope counts and lines the figures draw; omitted: computed here with
         loudness: ``"rms"`` (default) or ``"db"``, and
         floor_db: floor of the dB measure (default: ``DEFAULT_FLOOR_DB``).

@@ -49,7 +49,7 @@ from resemul_core.data.audio import (
     load_audio,
     segment_waveform,
 )
-from resemul_core.data.sources import Source
+from resemul_core.data.metadata import Source
 from resemul_core.data.store import (
     SPLITS,
     SegmentStore,

@@ -1,13 +1,14 @@
 """Dataset adapters: MagnaTagATune, the Million Song Dataset, or any table → a list of clips.
 
 Public: :func:`read_mtat`, :func:`read_msd`, :func:`read_table`, :func:`read_source`,
-:func:`select_top_tags`, :class:`Source`, :data:`SOURCES`, :data:`SPLIT_POLICIES`,
-:data:`MTAT_KNOWN_BROKEN`, :data:`MSD_PATH_PATTERNS`.
+:func:`select_top_tags`, :data:`SOURCES`, :data:`SPLIT_POLICIES`, :data:`MTAT_KNOWN_BROKEN`,
+:data:`MSD_PATH_PATTERNS`.
 
-An adapter reads only metadata (no audio): which clips, where their audio is, their split and
-their 0/1 tag vector. Clips it leaves out are listed in :attr:`Source.dropped` with a reason,
-and end up in the store manifest. Decoding, the duration check and the store itself are the
-job of :func:`resemul_core.data.prepare.prepare_store`.
+An adapter reads only metadata (no audio) into a :class:`~resemul_core.data.metadata.Source`:
+which clips, where their audio is, their split and their 0/1 tag vector. Clips it leaves out
+are listed in its ``dropped`` with a reason, and end up in the store manifest. Decoding, the
+duration check and the store itself are the job of
+:func:`resemul_core.data.prepare.prepare_store`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,14 @@ import numpy as np
 import pandas as pd
 
 from resemul_core.data.audio import AUDIO_EXTENSIONS
+from resemul_core.data.metadata import (
+    Source,
+    binary_matrix,
+    drop_missing_audio,
+    dropped_records,
+    read_delimited,
+    require_columns,
+)
 from resemul_core.data.splits import MTAT_SPLIT_OF_FOLDER, mtat_split
 from resemul_core.data.store import SPLITS
 from resemul_core.data.tags import MSD_TOP50_TAGS, MTAT_TOP50_TAGS
@@ -32,7 +40,6 @@ __all__ = [
     "MTAT_KNOWN_BROKEN",
     "SOURCES",
     "SPLIT_POLICIES",
-    "Source",
     "read_msd",
     "read_mtat",
     "read_source",
@@ -75,110 +82,11 @@ MSD_PATH_PATTERNS = (
 )
 
 
-@dataclass
-class Source:
-    """A dataset's clips before decoding.
-
-    Attributes:
-        dataset: 'mtat', 'msd' or 'table'.
-        root: folder the clip paths are relative to.
-        tags: tag names, the label columns in order.
-        clips: one row per clip: ``clip_id`` (str), ``path`` (str, relative to ``root`` or
-            absolute), ``split`` ('train'/'valid'/'test').
-        labels: ``(num_clips, num_tags)`` uint8 0/1.
-        dropped: clips left out, each ``{"clip_id", "path", "split", "reason", "detail"}``.
-        min_duration: seconds of decoded audio a clip needs (``None``: one segment suffices);
-            shorter clips are skipped at prepare time with reason 'too short'.
-        options: the adapter's arguments, recorded in the store manifest.
-        expected_counts: (train, valid, test) clip counts the finished store should have on
-            the real dataset (a warning is logged when it does not), or ``None``.
-    """
-
-    dataset: str
-    root: Path
-    tags: list[str]
-    clips: pd.DataFrame
-    labels: np.ndarray
-    dropped: list[dict[str, Any]] = field(default_factory=list)
-    min_duration: float | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    expected_counts: tuple[int, int, int] | None = None
-
-    def split_counts(self) -> tuple[int, int, int]:
-        """(train, valid, test) clip counts."""
-        counts = self.clips["split"].value_counts()
-        return tuple(int(counts.get(s, 0)) for s in SPLITS)  # type: ignore[return-value]
-
-
 def _check_policy(policy: str) -> None:
     if policy not in SPLIT_POLICIES:
         raise ValueError(
             f"unknown split policy {policy!r}; valid policies: {', '.join(SPLIT_POLICIES)}"
         )
-
-
-def _read_delimited(path: Path, *, sep: str | None = None) -> pd.DataFrame:
-    """A CSV/TSV as strings (``"NA"`` stays a string); quoted and unquoted fields both work."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if sep is None:
-        sep = "\t" if path.suffix.lower() in (".tsv", ".tab", ".txt") else ","
-    try:
-        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, quotechar='"')
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
-        kind = "TSV" if sep == "\t" else "CSV"
-        raise ValueError(f"{path}: cannot parse as a {kind}: {err}") from err
-    frame.columns = [str(c).strip() for c in frame.columns]
-    return frame
-
-
-def _require_columns(frame: pd.DataFrame, columns: Sequence[str], file: Path) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ValueError(
-            f"{file}: missing column(s) {', '.join(map(repr, missing))};"
-            f" found {', '.join(map(repr, frame.columns[:12]))}"
-            + (" ..." if len(frame.columns) > 12 else "")
-        )
-
-
-def _binary_matrix(frame: pd.DataFrame, columns: Sequence[str], file: Path) -> np.ndarray:
-    """The 0/1 tag columns as uint8 ``(rows, len(columns))``; ValueError naming a bad column."""
-    out = np.zeros((len(frame), len(columns)), dtype=np.uint8)
-    for k, column in enumerate(columns):
-        values = frame[column].astype(str).str.strip()
-        bad = ~values.isin(("0", "1"))
-        if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise ValueError(
-                f"{file}: tag column {column!r} must hold 0 or 1; row {row + 1} holds"
-                f" {values.iat[row]!r}"
-            )
-        out[:, k] = (values == "1").to_numpy()
-    return out
-
-
-def _drop(frame: pd.DataFrame, mask: np.ndarray, reason: str, detail: str) -> list[dict[str, Any]]:
-    rows = frame.loc[mask, ["clip_id", "path", "split"]]
-    return [
-        {"clip_id": c, "path": p, "split": s, "reason": reason, "detail": detail}
-        for c, p, s in rows.itertuples(index=False)
-    ]
-
-
-def _drop_missing_audio(
-    clips: pd.DataFrame, labels: np.ndarray, root: Path, described: str
-) -> tuple[pd.DataFrame, np.ndarray, list[dict[str, Any]]]:
-    """Drop clips whose audio file does not exist; error if none exists at all."""
-    exists = np.array([(root / p).is_file() for p in clips["path"]], dtype=bool)
-    if len(clips) and not exists.any():
-        example = root / clips["path"].iat[0]
-        raise FileNotFoundError(
-            f"none of the {len(clips)} audio files was found under {root} ({described});"
-            f" e.g. {example}"
-        )
-    dropped = _drop(clips, ~exists, "missing file", f"no file under {root}")
-    return clips.loc[exists].reset_index(drop=True), labels[exists], dropped
 
 
 def select_top_tags(counts: pd.Series, top_k: int) -> list[str]:
@@ -228,10 +136,10 @@ def read_mtat(
     file = root / "annotations_final.csv"
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such MTAT folder")
-    frame = _read_delimited(file, sep="\t")
-    _require_columns(frame, ["clip_id", "mp3_path"], file)
+    frame = read_delimited(file, sep="\t")
+    require_columns(frame, ["clip_id", "mp3_path"], file)
     tag_names = [c for c in frame.columns if c not in ("clip_id", "mp3_path")]
-    matrix = _binary_matrix(frame, tag_names, file)
+    matrix = binary_matrix(frame, tag_names, file)
     counts = pd.Series(matrix.sum(axis=0, dtype=np.int64), index=tag_names)
     tags = select_top_tags(counts, top_k)
     if set(tags) == set(MTAT_TOP50_TAGS):
@@ -252,16 +160,16 @@ def read_mtat(
     if not any((audio_root / c).is_dir() for c in MTAT_SPLIT_OF_FOLDER):
         raise FileNotFoundError(f"{root}: no mp3 folders 0..f found in {root / 'mp3'} or {root}")
     no_tag = labels.sum(axis=1) == 0
-    dropped = _drop(clips, no_tag, "no tag", f"none of the {len(tags)} selected tags")
+    dropped = dropped_records(clips, no_tag, "no tag", f"none of the {len(tags)} selected tags")
     keep = ~no_tag
     if split_policy == "paper":
         broken = clips["path"].isin(MTAT_KNOWN_BROKEN).to_numpy() & keep
-        dropped += _drop(
+        dropped += dropped_records(
             clips, broken, "known broken", "zero-byte file in MTAT (specification §1.1)"
         )
         keep &= ~broken
     clips, labels = clips.loc[keep].reset_index(drop=True), labels[keep]
-    clips, labels, missing = _drop_missing_audio(clips, labels, audio_root, "MTAT mp3 folders")
+    clips, labels, missing = drop_missing_audio(clips, labels, audio_root, "MTAT mp3 folders")
     dropped += missing
     source = Source(
         dataset="mtat",
@@ -380,7 +288,7 @@ def read_msd(
         raise FileNotFoundError(
             f"no MSD audio found under {audio_root}; searched patterns {patterns}"
         )
-    dropped = _drop(
+    dropped = dropped_records(
         frame,
         ~exists,
         "missing file",
@@ -471,13 +379,13 @@ def read_table(
     FileNotFoundError.
     """
     table = Path(table)
-    frame = _read_delimited(table, sep=sep)
-    _require_columns(frame, [path_column] + ([id_column] if id_column else []), table)
+    frame = read_delimited(table, sep=sep)
+    require_columns(frame, [path_column] + ([id_column] if id_column else []), table)
     has_split = split_column is not None and split_column in frame.columns
     if tags_column is None and tag_columns is None and "tags" in frame.columns:
         tags_column = "tags"
     if tags_column is not None:
-        _require_columns(frame, [tags_column], table)
+        require_columns(frame, [tags_column], table)
         lists = [
             [t.strip() for t in str(v).split(tag_separator) if t.strip()]
             for v in frame[tags_column]
@@ -494,8 +402,8 @@ def read_table(
             if tag_columns is not None
             else [c for c in frame.columns if c not in reserved]
         )
-        _require_columns(frame, tags, table)
-        labels = _binary_matrix(frame, tags, table)
+        require_columns(frame, tags, table)
+        labels = binary_matrix(frame, tags, table)
     if not tags:
         raise ValueError(f"{table}: no tag columns found (give tag_columns or tags_column)")
 
@@ -531,7 +439,7 @@ def read_table(
             odd,
             "/".join(AUDIO_EXTENSIONS),
         )
-    clips, labels, dropped = _drop_missing_audio(
+    clips, labels, dropped = drop_missing_audio(
         clips, labels, table.parent, f"paths of {table.name}"
     )
     source = Source(

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from resemul_core._version import __version__
 from resemul_core.data.audio import LOUDNESS_FLOOR_DB, dbfs, rms
 from resemul_core.files import atomic_write, write_json
 
@@ -278,8 +279,6 @@ def finish_store(
     source: dict[str, Any] | None = None,
 ) -> SegmentStore:
     """Write ``clips.csv``, ``labels.npy``, then ``manifest.json`` next to ``segments.npy``."""
-    from resemul_core import __version__
-
     csv_bytes = clips_to_csv(clips)
     labels = np.ascontiguousarray(labels, dtype=np.uint8)
     with atomic_write(out / "clips.csv") as handle:

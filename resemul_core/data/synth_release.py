@@ -45,12 +45,10 @@ files whatever ``workers`` is.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import io
 import logging
 import math
-import multiprocessing
 import os
 import time
 from collections.abc import Sequence
@@ -66,7 +64,7 @@ from resemul_core.data import synth
 from resemul_core.data.sources import _MTAT_EXPECTED, MTAT_KNOWN_BROKEN
 from resemul_core.data.splits import MTAT_SPLIT_OF_FOLDER, mtat_folders
 from resemul_core.data.store import SPLITS as _SPLITS
-from resemul_core.files import write_json, write_text
+from resemul_core.data.synth_audio import render_clip
 
 __all__ = [
     "DEFAULT_BANK_SIZE",
@@ -280,7 +278,7 @@ def _encode(audio: np.ndarray, sample_rate: int) -> bytes:
 def _write_bank_clip(job: tuple[Any, ...]) -> tuple[int, float]:
     """Render and encode one bank clip, then write its level variants; (files, peak)."""
     spec, audio_seed, sample_rate, duration, variants = job
-    audio = synth._render(spec, audio_seed, sample_rate, round(duration * sample_rate))
+    audio = render_clip(spec, audio_seed, sample_rate, round(duration * sample_rate))
     encoded: dict[float, bytes] = {}
     for path, gain_steps, seconds in variants:
         if seconds not in encoded:  # a short clip is a shorter encoding of the same audio
@@ -364,10 +362,6 @@ def generate_release(
         raise ValueError(f"sample_rate must be 8000-24000 Hz (MPEG-2), got {sample_rate}")
     if not duration > 0:
         raise ValueError(f"duration must be positive (seconds), got {duration}")
-    if workers is None:
-        workers = (
-            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        )
     started = time.perf_counter()
     root = Path(out)
     rows, bank = _plan_release(num_clips, seed, bank_size, duration, quirks)
@@ -386,7 +380,7 @@ def generate_release(
         (spec, seed_, sample_rate, duration, todo)
         for (spec, seed_), todo in zip(bank, variants, strict=True)
     ]
-    workers = max(1, min(int(workers or 1), len(jobs)))
+    workers = synth.worker_count(workers, len(jobs))
     logger.info(
         "writing %d clips (bank of %d) into %s with %d workers", num_clips, len(bank), root, workers
     )
@@ -394,25 +388,14 @@ def generate_release(
     bar = tqdm(total=num_clips, desc="release clips", unit="clip", disable=not progress)
     bar.update(sum(row.empty for row in rows))
     try:
-        if workers == 1:
-            results = map(_write_bank_clip, jobs)
-            for written, peak in results:
-                peaks.append(peak)
-                bar.update(written)
-        else:
-            # spawn: safe even when the caller holds threads (notebooks, torch), unlike fork.
-            context = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-                for written, peak in pool.map(_write_bank_clip, jobs):
-                    peaks.append(peak)
-                    bar.update(written)
+        for written, peak in synth.map_in_processes(_write_bank_clip, jobs, workers):
+            peaks.append(peak)
+            bar.update(written)
     finally:
         bar.close()
     wanted = {root / "mp3" / row.mp3_path for row in rows}
-    for stale in sorted(root.glob("mp3/?/synthetic_artist_*.mp3*")):  # .tmp: a killed run's
-        if stale not in wanted:
-            stale.unlink()
-            logger.info("removed %s, not part of this release", stale)
+    # .mp3*: also a killed run's .tmp files
+    synth.remove_stale(root, "mp3/?/synthetic_artist_*.mp3*", wanted, "release")
     os.sync()  # every mp3 is on disk before the CSV says the release is complete
     tag_counts = dict.fromkeys(synth.SYNTH_TAGS, 0)
     for row in rows:
@@ -430,9 +413,7 @@ def generate_release(
         "seconds": round(time.perf_counter() - started, 2),
     }
     params = _params(num_clips, bank_size, seed, sample_rate, duration, quirks)
-    write_json(root / synth.PARAMS_FILE, {"params": params, "summary": summary})
-    csv_text = synth._annotations((row.clip_id, row.tags, row.mp3_path) for row in rows)
-    write_text(csv_path, csv_text)  # last: its presence marks a complete release
+    synth.write_metadata(root, params, summary, ((r.clip_id, r.tags, r.mp3_path) for r in rows))
     logger.info("wrote %d clips in %.1f s", num_clips, summary["seconds"])
     return summary
 
@@ -452,20 +433,19 @@ def ensure_release(
     """:func:`generate_release`, unless ``out`` already holds a complete release made with the
     same parameters; then its saved summary is returned with ``"reused": True``."""
     root = Path(out)
+
+    def generate() -> dict:
+        return generate_release(
+            root,
+            num_clips=num_clips,
+            bank_size=bank_size,
+            seed=seed,
+            sample_rate=sample_rate,
+            duration=duration,
+            quirks=quirks,
+            workers=workers,
+            progress=progress,
+        )
+
     params = _params(num_clips, bank_size, seed, sample_rate, duration, quirks)
-    saved = synth.saved_summary(root, params)
-    if saved is not None:
-        logger.info("%s already holds this release; not regenerating", root)
-        return {**saved, "reused": True}
-    summary = generate_release(
-        root,
-        num_clips=num_clips,
-        bank_size=bank_size,
-        seed=seed,
-        sample_rate=sample_rate,
-        duration=duration,
-        quirks=quirks,
-        workers=workers,
-        progress=progress,
-    )
-    return {**summary, "reused": False}
+    return synth.reuse_or_generate(root, params, generate, "release")

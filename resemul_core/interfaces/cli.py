@@ -1,6 +1,7 @@
 """The ``resemul`` command line: one subcommand per job.
 
-Only this module prints; the library functions it calls log and return values.
+Only this module and :mod:`resemul_core.interfaces.cli_data` (the ``data`` and
+``import-keras`` subcommands) print; the library functions they call log and return values.
 Each concern registers its subcommands with one ``add_*_commands(subparsers)`` function.
 """
 
@@ -12,33 +13,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from resemul_core.config import PRECISIONS
+from resemul_core.interfaces.cli_data import add_data_commands, add_keras_commands, print_table
 
 __all__ = ["main", "build_parser"]
-
-
-def _print_table(rows: list[dict], columns: Sequence[str]) -> None:
-    """Print dict rows as an aligned plain-text table (numbers with thousands separators)."""
-
-    def fmt(value: object) -> str:
-        if isinstance(value, bool):
-            return "yes" if value else "no"
-        if isinstance(value, int):
-            return f"{value:,}"
-        if isinstance(value, float):
-            return f"{value:.4f}"
-        return str(value)
-
-    cells = [[fmt(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    for r in cells:
-        print(
-            "  ".join(
-                v.rjust(w) if v[:1].isdigit() else v.ljust(w)
-                for v, w in zip(r, widths, strict=True)
-            )
-        )
 
 
 # --- models ------------------------------------------------------------------------------
@@ -56,7 +33,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from resemul_core.model.sample_cnn import variant_table
 
     rows = variant_table(num_tags=args.num_tags, width=args.width, alpha=args.alpha)
-    _print_table(rows, ["variant", "block", "multi", "trainable", "total"])
+    print_table(rows, ["variant", "block", "multi", "trainable", "total"])
     return 0
 
 
@@ -117,7 +94,7 @@ def _cmd_excitations(args: argparse.Namespace) -> int:
         {**r, "std": f"{r['std']:.4g}", "paper": "-" if r["paper"] is None else r["paper"]}
         for r in summary["std_across_tags"]
     ]
-    _print_table(rows, ["level", "channels", "std", "paper"])
+    print_table(rows, ["level", "channels", "std", "paper"])
     loud = summary["loudness"]
     print(
         f"level {loud['level']} excitation vs loudness ({loud['measure']}): "
@@ -130,188 +107,6 @@ def _cmd_excitations(args: argparse.Namespace) -> int:
         f"wrote {out / 'excitations.npz'}, {out / 'summary.json'} and "
         f"{len(analysis.figures)} figures to {out}"
     )
-    return 0
-
-
-# --- data --------------------------------------------------------------------------------
-
-
-def add_data_commands(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="prepare, inspect or synthesise datasets (segment stores)")
-    actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-
-    p = actions.add_parser("prepare", help="decode a dataset into a segment store (resumable)")
-    p.add_argument("--dataset", required=True, choices=["synth", "mtat", "msd", "table"])
-    p.add_argument(
-        "--root",
-        required=True,
-        help="MTAT or MSD folder; the table file for 'table'; for 'synth' where to write it",
-    )
-    p.add_argument("--out", required=True, help="store directory (rerun to resume)")
-    p.add_argument(
-        "--split-policy",
-        choices=["paper", "resemul"],
-        help="mtat/msd: 'paper' (default; Lee et al., >= 29.1 s) or 'resemul' (official code)",
-    )
-    p.add_argument("--workers", type=int, help="decoding processes (default: all CPU cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = p.add_argument_group("audio (defaults = paper)")
-    g.add_argument("--sample-rate", type=int, default=22_050, help="Hz (22050)")
-    g.add_argument("--segment-length", type=int, default=59_049, help="samples (59049)")
-    g.add_argument("--segments-per-clip", type=int, default=10, help="(10)")
-    g.add_argument("--clip-duration", type=float, default=29.0, help="seconds decoded (29)")
-    g.add_argument(
-        "--min-duration", type=float, help="seconds a clip needs (paper policy 29.1; table: none)"
-    )
-    g = p.add_argument_group("mtat")
-    g.add_argument("--top-k", type=int, default=50, help="most frequent tags kept (50)")
-    g = p.add_argument_group("msd")
-    g.add_argument("--audio-dir", help="folder of the audio previews (default ROOT/audio)")
-    g = p.add_argument_group("table")
-    g.add_argument("--path-column", default="path", help="audio path column (path)")
-    g.add_argument("--id-column", help="clip id column (default: the path)")
-    g.add_argument("--split-column", default="split", help="split column, if present (split)")
-    g.add_argument("--tag-columns", help="comma-separated 0/1 tag columns (default: the rest)")
-    g.add_argument("--tags-column", help="column of tag lists such as 'rock;guitar'")
-    g.add_argument("--tag-separator", default=";", help="separator in --tags-column (;)")
-    g.add_argument("--fractions", default="0.8,0.1,0.1", help="random split train,valid,test")
-    g = p.add_argument_group("synth and table")
-    g.add_argument("--seed", type=int, default=0, help="synthetic data or random split seed (0)")
-    g.add_argument("--clips", type=int, help="synth: number of clips (512)")
-    p.set_defaults(func=_cmd_data_prepare)
-
-    p = actions.add_parser("info", help="summarise a segment store")
-    p.add_argument("store", help="store directory")
-    p.set_defaults(func=_cmd_data_info)
-
-    p = actions.add_parser("synth", help="write a synthetic MTAT-format dataset")
-    p.add_argument("--out", required=True, help="dataset folder (e.g. data/synth)")
-    p.add_argument(
-        "--clips", type=int, help="number of clips (default: the book's 512; 25,863 with --mtat)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    p.add_argument("--force", action="store_true", help="regenerate even if already complete")
-    p.add_argument("--workers", type=int, help="processes (default: all CPU cores)")
-    p.add_argument(
-        "--mtat",
-        action="store_true",
-        help="fast MTAT-sized release: level variants of a bank of rendered clips, MTAT's"
-        " split counts, zero-byte and short clips (resemul_core.data.synth_release)",
-    )
-    p.add_argument("--bank", type=int, help="--mtat: distinct rendered clips (1024)")
-    p.set_defaults(func=_cmd_data_synth)
-
-
-def _cmd_data_prepare(args: argparse.Namespace) -> int:
-    from resemul_core.data.prepare import store_summary
-    from resemul_core.interfaces.pipeline import prepare
-
-    options: dict = {}
-    if args.dataset == "table":
-        options = {
-            "path_column": args.path_column,
-            "id_column": args.id_column,
-            "split_column": args.split_column,
-            "tags_column": args.tags_column,
-            "tag_separator": args.tag_separator,
-            "fractions": [float(f) for f in args.fractions.split(",")],
-        }
-        if args.tag_columns:
-            options["tag_columns"] = [c.strip() for c in args.tag_columns.split(",")]
-    elif args.dataset == "mtat":
-        options["top_k"] = args.top_k
-    elif args.dataset == "msd" and args.audio_dir:
-        options["audio_dir"] = args.audio_dir
-    if args.min_duration is not None:
-        options["min_duration"] = args.min_duration
-    try:
-        store = prepare(
-            args.dataset,
-            args.root,
-            args.out,
-            split_policy=args.split_policy,
-            seed=args.seed,
-            synth_clips=args.clips,
-            workers=args.workers,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-            audio={
-                "sample_rate": args.sample_rate,
-                "segment_length": args.segment_length,
-                "segments_per_clip": args.segments_per_clip,
-                "clip_duration": args.clip_duration,
-            },
-            **options,
-        )
-    except KeyboardInterrupt:
-        print(f"interrupted; run the same command again to resume {args.out}", file=sys.stderr)
-        return 130
-    _print_store_summary(store_summary(store))
-    return 0
-
-
-def _print_store_summary(summary: dict) -> None:
-    print(f"store        {summary['path']}")
-    print(f"dataset      {summary['dataset']}  (resemul_core {summary['library_version']})")
-    print("params       " + ", ".join(f"{k}={v}" for k, v in summary["params"].items()))
-    label = f"tags ({len(summary['tags'])})"
-    print(f"{label:13}" + ", ".join(summary["tags"]))
-    size, unit = float(summary["size_bytes"]), "bytes"
-    for bigger in ("KiB", "MiB", "GiB", "TiB"):
-        if size < 1024:
-            break
-        size, unit = size / 1024, bigger
-    print(f"size         {size:,.1f} {unit} on disk")
-    print(f"fingerprint  {summary['fingerprint']}")
-    print()
-    _print_table(summary["splits"], ["split", "clips", "segments"])
-    skips = [{"reason": r, "clips": n} for r, n in sorted(summary["skips"].items())]
-    print()
-    if skips:
-        _print_table(skips, ["reason", "clips"])
-    else:
-        print("no input skipped")
-
-
-def _cmd_data_info(args: argparse.Namespace) -> int:
-    from resemul_core.data.prepare import store_summary
-    from resemul_core.data.store import open_store
-
-    _print_store_summary(store_summary(open_store(args.store)))
-    return 0
-
-
-def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from resemul_core.data.synth import DEFAULT_NUM_CLIPS, ensure_dataset, generate_dataset
-    from resemul_core.data.synth_release import (
-        DEFAULT_BANK_SIZE,
-        MTAT_CLIPS,
-        ensure_release,
-        generate_release,
-    )
-
-    if args.mtat:
-        make = generate_release if args.force else ensure_release
-        summary = make(
-            args.out,
-            num_clips=args.clips or MTAT_CLIPS,
-            bank_size=args.bank or DEFAULT_BANK_SIZE,
-            seed=args.seed,
-            workers=args.workers,
-        )
-    else:
-        if args.bank is not None:
-            raise ValueError("--bank applies to --mtat only")
-        make = generate_dataset if args.force else ensure_dataset
-        summary = make(
-            args.out,
-            num_clips=args.clips or DEFAULT_NUM_CLIPS,
-            seed=args.seed,
-            workers=args.workers,
-        )
-    for key, value in summary.items():
-        print(f"{key}: {value}")
     return 0
 
 
@@ -474,7 +269,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.per_tag:
         rows = [{"tag": tag, **values} for tag, values in result["per_tag"].items()]
         print()
-        _print_table(rows, ["tag", "positives", "roc_auc", "pr_auc"])
+        print_table(rows, ["tag", "positives", "roc_auc", "pr_auc"])
     return 0
 
 
@@ -506,42 +301,6 @@ def _cmd_tag(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     return 1 if failed else 0
-
-
-# --- Keras import ------------------------------------------------------------------------
-
-
-def add_keras_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "import-keras",
-        help="convert the authors' released Keras HDF5 model into a checkpoint",
-        description="Load a Keras 2.0.5 model.save / save_weights HDF5 file of the official "
-        "code into one of our variants and save it as a checkpoint with the MTAT top-50 tags "
-        "in the official order. The released files are se-multi-auc_0.9111-tfrmodel.hdf5 "
-        "(--variant se-multi) and rese-multi-auc_0.9113-tfrmodel.hdf5 (--variant rese2-multi).",
-    )
-    p.add_argument("file", metavar="FILE.hdf5", help="the Keras HDF5 file")
-    p.add_argument("--variant", required=True, help="the variant the file holds, e.g. se-multi")
-    p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint to write")
-    p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = paper)")
-    p.add_argument("--alpha", type=float, default=16.0, help="SE expansion ratio (16 = paper)")
-    p.add_argument("--num-blocks", type=int, default=9, help="blocks (9 = paper, 59049 samples)")
-    p.set_defaults(func=_cmd_import_keras)
-
-
-def _cmd_import_keras(args: argparse.Namespace) -> int:
-    from resemul_core.model.keras_import import convert_keras_checkpoint
-
-    out = convert_keras_checkpoint(
-        args.file,
-        args.out,
-        variant=args.variant,
-        width=args.width,
-        alpha=args.alpha,
-        num_blocks=args.num_blocks,
-    )
-    print(f"wrote {out}: {args.variant} from {args.file} (tags: MTAT top 50, official order)")
-    return 0
 
 
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [

@@ -29,7 +29,12 @@ from resemul_core.data.synth import DEFAULT_NUM_CLIPS, ensure_dataset
 from resemul_core.files import write_json
 from resemul_core.profiles import apply_overrides, get_profile, resolve_config
 from resemul_core.training.loop import train
-from resemul_core.training.run_dir import LAST_CHECKPOINT, find_runs, resolve_checkpoint
+from resemul_core.training.run_dir import (
+    LAST_CHECKPOINT,
+    find_runs,
+    resolve_checkpoint,
+    write_metrics,
+)
 from resemul_core.training.state import TrainResult, saved_run_config
 
 __all__ = [
@@ -229,7 +234,7 @@ def evaluate(
         :func:`~resemul_core.analysis.evaluate.evaluate_checkpoint`'s result, plus
         ``metrics_path``.
     """
-    from resemul_core.analysis.evaluate import evaluate_checkpoint, write_metrics
+    from resemul_core.analysis.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(
         source,
@@ -278,7 +283,7 @@ class ExcitationAnalysis:
 
     Attributes:
         excitations: the :class:`~resemul_core.analysis.excitations.ExcitationSet`.
-        summary: :func:`~resemul_core.analysis.excitations.summarize_excitations`'s dict
+        summary: :func:`~resemul_core.analysis.excitation_stats.summarize_excitations`'s dict
             (also ``OUT/summary.json``).
         figures: the figures by name (also ``OUT/<name>.png``).
         out: the output folder, holding ``excitations.npz`` too.
@@ -323,11 +328,11 @@ def analyse_excitations(
     Raises:
         ValueError: the model has no SE blocks (the message names the variants that do).
     """
+    from resemul_core.analysis.excitation_stats import summarize_excitations
     from resemul_core.analysis.excitations import (
         extract_excitations,
         require_se,
         save_excitations,
-        summarize_excitations,
     )
     from resemul_core.analysis.plots import excitation_figures
     from resemul_core.runtime import select_device

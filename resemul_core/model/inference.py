@@ -43,14 +43,13 @@ Batch = torch.Tensor | np.ndarray | tuple[Any, ...] | list[Any]
 
 
 class BatchOutput(NamedTuple):
-    """What :func:`run_model` yields for one batch.
+    """What :func:`run_model` yields for one batch: three fields.
 
-    Attributes:
-        logits: ``(B, T)`` float32, on the device.
-        gates: one ``(B, C_i)`` float32 tensor per SE block in block order, on the device,
-            with ``gates=True``; otherwise (and for variants without SE) an empty list.
-        extra: the batch's items after the waveform (labels, clip counts, ...), untouched;
-            ``()`` for a bare waveform batch.
+    * ``logits``: ``(B, T)`` float32, on the device.
+    * ``gates``: one ``(B, C_i)`` float32 tensor per SE block in block order, on the device,
+      with ``gates=True``; otherwise (and for variants without SE) an empty list.
+    * ``extra``: the batch's items after the waveform (labels, clip counts, ...), untouched;
+      ``()`` for a bare waveform batch.
     """
 
     logits: torch.Tensor

@@ -1,44 +1,27 @@
-"""Training with the paper's recipe: staged Nesterov SGD, early stopping, resumable runs.
-
-The recipe is specification §3.
+"""The training loop of the paper's recipe: epochs of steps, validation, stages, checkpoints.
 
 Public: :func:`train`, :func:`train_step`, :func:`validation_loss`.
 
-The recipe (specification §3): five learning-rate stages 0.01 → 1.6e-5 (×0.2); each starts from
-the previous stage's best-validation-loss weights with a fresh SGD optimizer (momentum 0.9,
-Nesterov, Keras time decay 1e-6 per step); a stage ends at the 3rd consecutive epoch without a
-lower validation loss. An epoch is ``ceil(train segments / 23)`` steps of 23 random segments.
+:func:`train` reads as one loop (``_fit``); the recipe's pure functions are in
+:mod:`resemul_core.training.schedule` (specification §3), the run's bookkeeping (progress,
+checkpoints, resuming) in :mod:`resemul_core.training.state`, the run directory's layout in
+:mod:`resemul_core.training.run_dir`, and the device and precision rules in
+:mod:`resemul_core.runtime`. Resuming is exact: a resumed CPU run ends with bit-identical
+weights to an uninterrupted one.
 
-A run directory holds::
-
-    config.json   what the run was started with (for people; the checkpoints are authoritative)
-    last.pt       the full training state, written every ``checkpoint_every`` steps and after
-                  every epoch; ``train(..., resume=True)`` continues from it
-    best.pt       the model with the lowest validation loss of the current stage
-    log.csv       one row per epoch: losses, learning rate, stage, time, throughput
-
-Resuming is exact: the data order of an epoch is a function of ``(seed, epoch)``, the step
-within the epoch is saved, and so are the optimizer and all RNG states; a resumed CPU run ends
-with bit-identical weights to an uninterrupted one.
-
-Under ``torchrun`` the same call trains data-parallel (DDP,
-:mod:`resemul_core.training.distributed`):
+Under ``torchrun`` the same call trains data-parallel (:mod:`resemul_core.training.distributed`):
 every rank takes its contiguous share of each global batch of ``batch_size`` segments (the rows
-of :func:`epoch_batches`), weights its loss by its share so that DDP's gradient average is the
-global batch mean, and BatchNorm statistics are over the global batch (``sync_bn``); rank 0
-writes the checkpoints and the log while the others wait. The data order, and hence resuming,
-do not depend on the number of processes.
-
-Numerical precision is one setting of the recipe, ``TrainConfig.precision`` (``"fp32"``, the
-paper's and the ``paper`` profile's; ``"tf32"``; ``"bf16"``, the ``demo`` and ``tiny`` profiles'),
-recorded in every checkpoint (:mod:`resemul_core.runtime`).
+of :func:`~resemul_core.training.schedule.epoch_batches`), weights its loss by its share so that
+DDP's gradient average is the global batch mean, and BatchNorm statistics are over the global
+batch (``sync_bn``); rank 0 writes the checkpoints and the log while the others wait. The data
+order, and hence resuming, do not depend on the number of processes.
 
 On CUDA the loop lets cuDNN choose its kernels, copies int16 batches from pinned memory without
 blocking, dequantizes them on the GPU, and reads the loss back only every ``_LOSS_CHECK_EVERY``
 steps: a steady-state step makes no host synchronisation. ``data_on_device`` keeps the whole
 training split on the GPU; ``compile`` compiles the forward and backward passes, on a single GPU
-as CUDA graphs (:func:`compile_model`), which removes the per-kernel launch cost that limits
-small-batch training on a fast GPU.
+as CUDA graphs (:func:`~resemul_core.runtime.compile_model`), which removes the per-kernel launch
+cost that limits small-batch training on a fast GPU.
 """
 
 from __future__ import annotations
@@ -76,6 +59,7 @@ from resemul_core.training.distributed import (
     shard,
 )
 from resemul_core.training.feeding import ResidentSplit, device_batches
+from resemul_core.training.rng import set_rng_state
 from resemul_core.training.run_dir import LAST_CHECKPOINT
 from resemul_core.training.schedule import (
     bce_loss,
@@ -89,7 +73,6 @@ from resemul_core.training.state import (
     _Run,
     _start_run,
     saved_run_config,
-    set_rng_state,
 )
 
 __all__ = ["train", "train_step", "validation_loss"]

@@ -1,7 +1,8 @@
 """The run directory: its layout, and reading what a run left in it.
 
 Public: :data:`BEST_CHECKPOINT`, :data:`LAST_CHECKPOINT`, :data:`RUN_LOG`, :data:`RUN_CONFIG`,
-:func:`resolve_checkpoint`, :func:`write_log_row`, :func:`read_log`, :func:`run_summary`,
+:func:`resolve_checkpoint`, :func:`load_model`, :func:`write_log_row`, :func:`write_metrics`,
+:func:`read_metrics`, :func:`read_log`, :func:`run_summary`,
 :func:`find_runs`, :func:`training_times`, :func:`time_ratio`.
 
 A run directory holds::
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -29,7 +31,7 @@ import pandas as pd
 import torch
 
 from resemul_core.config import VARIANTS, ModelConfig, check_variants
-from resemul_core.files import atomic_write
+from resemul_core.files import atomic_write, write_json
 from resemul_core.model.checkpoint import load_checkpoint, read_checkpoint
 from resemul_core.model.sample_cnn import SampleCNN
 
@@ -39,9 +41,11 @@ __all__ = [
     "RUN_CONFIG",
     "RUN_LOG",
     "metrics_filename",
+    "read_metrics",
     "load_model",
     "resolve_checkpoint",
     "write_log_row",
+    "write_metrics",
     "read_log",
     "run_summary",
     "find_runs",
@@ -204,3 +208,27 @@ def load_model(
     """The model of a checkpoint file or of a run directory (its ``best.pt``), in eval mode,
     and the checkpoint's payload (:func:`~resemul_core.model.checkpoint.load_checkpoint`)."""
     return load_checkpoint(resolve_checkpoint(source), map_location=map_location)
+
+
+def write_metrics(result: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
+    """Atomically write an evaluation result (its ``split`` key names the file) as
+    ``OUT/metrics.json`` or ``OUT/metrics_<split>.json``."""
+    path = Path(out_dir) / metrics_filename(str(result["split"]))
+    write_json(path, dict(result))
+    return path
+
+
+def read_metrics(source: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
+    """An evaluation result: given as a dict, a metrics file, or a run directory (its test
+    ``metrics.json``)."""
+    if isinstance(source, Mapping):
+        return source
+    path = Path(source)
+    if path.is_dir():
+        path = path / metrics_filename("test")
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file {path}; run 'resemul evaluate' first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err

@@ -1,12 +1,12 @@
-"""The state of a run in progress: progress counters, RNG states, checkpoints, resuming.
+"""The state of a run in progress: progress counters, checkpoints, resuming.
 
 Public: :class:`TrainResult`, :class:`TrainingDiverged`, :func:`saved_run_config`,
-:func:`check_fits_store`,
-:func:`saved_cuda_rng_state`, :func:`set_rng_state`.
+:func:`check_fits_store`.
 
 Resuming is exact: the data order of an epoch is a function of ``(seed, epoch)``, the step
 within the epoch is saved, and so are the optimizer and all RNG states; a resumed CPU run ends
-with bit-identical weights to an uninterrupted one.
+with bit-identical weights to an uninterrupted one. The RNG states themselves are
+:mod:`resemul_core.training.rng`'s.
 """
 
 from __future__ import annotations
@@ -14,13 +14,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from resemul_core.config import ModelConfig, RunConfig, RuntimeConfig, TrainConfig
@@ -30,6 +28,7 @@ from resemul_core.model.checkpoint import CheckpointError, read_checkpoint, save
 from resemul_core.model.sample_cnn import SampleCNN
 from resemul_core.runtime import select_device
 from resemul_core.training.distributed import Ranks
+from resemul_core.training.rng import rank_seed, rng_state, seed_everything
 from resemul_core.training.run_dir import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
@@ -47,10 +46,8 @@ from resemul_core.training.schedule import (
 __all__ = [
     "TrainResult",
     "TrainingDiverged",
-    "saved_cuda_rng_state",
     "check_fits_store",
     "saved_run_config",
-    "set_rng_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -107,75 +104,6 @@ class TrainResult:
     finished: bool
     config: RunConfig
     device: str
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    """Every random generator a run draws from: torch's CPU one, the run device's CUDA one
-    (only that one: the other visible GPUs are not the run's, and may be absent on resume),
-    numpy's and Python's."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
-        # numpy and python states as plain lists so that weights_only loading accepts them
-        "numpy": [
-            str(np_state[0]),
-            np_state[1].tolist(),
-            int(np_state[2]),
-            int(np_state[3]),
-            float(np_state[4]),
-        ],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-
-
-def set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
-    """Restore :func:`_rng_state`'s generators; the CUDA one only on a CUDA device."""
-    torch.set_rng_state(state["torch"])
-    cuda = saved_cuda_rng_state(state["cuda"], device)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
-def saved_cuda_rng_state(
-    saved: Sequence[torch.Tensor], device: torch.device
-) -> torch.Tensor | None:
-    """The saved CUDA generator state to restore on ``device``, or None.
-
-    Args:
-        saved: a checkpoint's ``rng["cuda"]``: empty (saved on the CPU), the run device's one
-            state, or, in checkpoints of earlier versions, one state per GPU visible then.
-        device: the device the resumed run uses; ``cuda`` devices must carry their index.
-
-    Returns:
-        None on the CPU or when nothing was saved (a CPU run resumed on a GPU: the CUDA
-        generator keeps the seed it has). Otherwise the one saved state, or from a per-GPU list the
-        entry of ``device``'s index, or the first when that GPU was not visible then (a
-        change of visible GPUs continues correctly, though with other dropout masks).
-    """
-    if device.type != "cuda" or len(saved) == 0:
-        return None
-    if len(saved) == 1:
-        return saved[0]
-    index = device.index or 0
-    return saved[index] if index < len(saved) else saved[0]
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def _rank_seed(seed: int, rank: int, step: int) -> int:
-    """The torch seed (CPU and CUDA) of rank ``rank`` > 0 from ``step`` on: dropout masks
-    independent of rank 0's."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
 def _audio_info(store: SegmentStore) -> dict[str, Any]:
@@ -314,7 +242,7 @@ class _Run:
 
     def save_last(self) -> None:
         """Write ``last.pt`` (rank 0) with every rank's RNG states; the others wait."""
-        rng = self.ranks.gather_objects(_rng_state(self.device))
+        rng = self.ranks.gather_objects(rng_state(self.device))
         if self.ranks.is_main:
             save_checkpoint(
                 self.last_path,
@@ -487,8 +415,8 @@ def _start_run(
         if len(rank_rng) == ranks.world_size:
             rng = rank_rng[ranks.rank]  # each rank continues its own dropout stream
         elif ranks.rank > 0:  # another number of processes: continue, though not bit-exactly
-            torch.manual_seed(_rank_seed(config.train.seed, ranks.rank, state.global_step))
-            rng = {**_rng_state(device), "numpy": rng["numpy"], "python": rng["python"]}
+            torch.manual_seed(rank_seed(config.train.seed, ranks.rank, state.global_step))
+            rng = {**rng_state(device), "numpy": rng["numpy"], "python": rng["python"]}
         logger.info(
             "resuming %s at stage %d, epoch %d, step %d",
             run_dir,
@@ -502,11 +430,11 @@ def _start_run(
     check_fits_store(config.model, store)
     device = _rank_device(config.runtime.device, ranks)
     _claim_run_dir(run_dir, overwrite=overwrite, ranks=ranks)
-    _seed_everything(config.train.seed)  # the same initial weights on every rank
+    seed_everything(config.train.seed)  # the same initial weights on every rank
     model = SampleCNN(config.model).to(device)
     optimizer = build_optimizer(model, config.train, stage=0)
     if ranks.rank > 0:  # but each rank its own dropout masks
-        torch.manual_seed(_rank_seed(config.train.seed, ranks.rank, 0))
+        torch.manual_seed(rank_seed(config.train.seed, ranks.rank, 0))
     run = _Run(run_dir, store, config, model, optimizer, _Progress(), device, ranks)
     if ranks.is_main:
         write_json(run_dir / RUN_CONFIG, {**run.info(), "model_config": config.model.to_dict()})
