@@ -46,7 +46,6 @@ _EXPORTS: dict[str, str] = {
     "SegmentStore": "data.store",
     "open_store": "data.store",
     "write_store_from_arrays": "data.store",
-    "prepare_dataset": "data.prepare",
     "prepare_store": "data.prepare",
     "SegmentDataset": "data.datasets",
     "ClipDataset": "data.datasets",
@@ -60,6 +59,11 @@ _EXPORTS: dict[str, str] = {
     "summarize_excitations": "analysis.excitation_stats",
     "import_keras": "model.keras_import",
     "Tagger": "interfaces.tagger",
+    "prepare": "interfaces.pipeline",
+    "fit": "interfaces.pipeline",
+    "evaluate": "interfaces.pipeline",
+    "analyse_excitations": "interfaces.pipeline",
+    "resolve_config": "profiles",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

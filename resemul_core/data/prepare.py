@@ -60,7 +60,7 @@ from resemul_core.data.store import (
 )
 from resemul_core.files import write_json, write_text
 
-__all__ = ["DATASETS", "prepare_dataset", "prepare_store", "store_summary"]
+__all__ = ["prepare_store", "store_summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -449,52 +449,3 @@ def store_summary(store: SegmentStore) -> dict[str, Any]:
         "fingerprint": store.fingerprint,
         "library_version": store.manifest.get("library_version"),
     }
-
-
-#: Datasets :func:`prepare_dataset` knows: the embedded generator plus every adapter.
-DATASETS = ("synth", "mtat", "msd", "table")
-
-
-def prepare_dataset(
-    dataset: str,
-    root: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    split_policy: str = "paper",
-    synth_clips: int | None = None,
-    seed: int = 0,
-    workers: int | None = None,
-    progress: bool = True,
-    **options: Any,
-) -> SegmentStore:
-    """Make sure a prepared store of ``dataset`` exists at ``out`` and open it.
-
-    ``"synth"`` first writes the embedded synthetic dataset to ``root`` (unless a complete one
-    with the same parameters is there) and then prepares it through the MTAT adapter, like
-    real MagnaTagATune. Work already done is skipped: a complete store is opened as it is, an
-    interrupted one is resumed.
-
-    Args:
-        dataset: one of :data:`DATASETS`.
-        root: the dataset folder (for ``"synth"``: where to write it).
-        out: the store directory.
-        split_policy: ``"paper"`` or ``"resemul"`` (MTAT/MSD; see :mod:`resemul_core.data.sources`).
-        synth_clips: clips of the synthetic dataset (default: its ``DEFAULT_NUM_CLIPS``).
-        seed: seed of the synthetic dataset.
-        workers: decoding processes (default: one per CPU core).
-        **options: further options of the dataset's adapter.
-    """
-    from resemul_core.data.sources import read_source
-    from resemul_core.data.synth import DEFAULT_NUM_CLIPS, ensure_dataset
-
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
-    if dataset == "synth":
-        ensure_dataset(
-            root, num_clips=synth_clips or DEFAULT_NUM_CLIPS, seed=seed, progress=progress
-        )
-        dataset = "mtat"
-    if dataset in ("mtat", "msd"):
-        options["split_policy"] = split_policy
-    source = read_source(dataset, root, **options)
-    return prepare_store(source, out, workers=workers, progress=progress)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from matplotlib.figure import Figure
 
 from resemul_core.config import RunConfig, get_variant
-from resemul_core.data.prepare import DATASETS, prepare_store
+from resemul_core.data.prepare import prepare_store
 from resemul_core.data.sources import read_source
 from resemul_core.data.store import SegmentStore, open_store
 from resemul_core.data.synth import DEFAULT_NUM_CLIPS, ensure_dataset
@@ -38,6 +38,7 @@ from resemul_core.training.run_dir import (
 from resemul_core.training.state import TrainResult, saved_run_config
 
 __all__ = [
+    "DATASETS",
     "ExcitationAnalysis",
     "Fit",
     "analyse_excitations",
@@ -50,6 +51,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 StoreLike = SegmentStore | str | os.PathLike
+
+#: Datasets :func:`prepare` knows: the embedded generator plus every adapter.
+DATASETS = ("synth", "mtat", "msd", "table")
 
 
 def _store(store: StoreLike) -> SegmentStore:
@@ -77,8 +81,7 @@ def prepare(
     real MagnaTagATune.
 
     Args:
-        dataset: one of :data:`~resemul_core.data.prepare.DATASETS` (``synth``, ``mtat``,
-            ``msd``, ``table``).
+        dataset: one of :data:`DATASETS` (``synth``, ``mtat``, ``msd``, ``table``).
         root: the dataset folder (``synth``: where to write it; ``table``: the table file).
         out: the store directory; rerun to resume an interrupted preparation.
         split_policy: ``mtat``/``msd`` only: ``"paper"`` (default) or ``"resemul"``

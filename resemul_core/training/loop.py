@@ -156,10 +156,16 @@ def train(
         batch_size=requested.train.batch_size,
         sync_bn=requested.runtime.sync_bn,
     )
-    cuda = select_device(requested.runtime.device).type == "cuda"
-    with process_group(cuda=cuda) as ranks:
+    device = select_device(requested.runtime.device)  # resolved once, here
+    with process_group(cuda=device.type == "cuda") as ranks:
         run = _start_run(
-            store, run_dir, config, resume=bool(resume), overwrite=overwrite, ranks=ranks
+            store,
+            run_dir,
+            config,
+            device=device,
+            resume=bool(resume),
+            overwrite=overwrite,
+            ranks=ranks,
         )
         with deterministic_algorithms(run.config.runtime.deterministic):
             return _fit(run, train_set, val_set, max_steps=max_steps, progress=progress)

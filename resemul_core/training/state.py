@@ -26,7 +26,6 @@ from resemul_core.data.store import SegmentStore
 from resemul_core.files import write_json
 from resemul_core.model.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from resemul_core.model.sample_cnn import SampleCNN
-from resemul_core.runtime import select_device
 from resemul_core.training.distributed import Ranks
 from resemul_core.training.rng import rank_seed, rng_state, seed_everything
 from resemul_core.training.run_dir import (
@@ -389,16 +388,18 @@ def _start_run(
     run_dir: Path,
     config: RunConfig | None,
     *,
+    device: torch.device,
     resume: bool,
     overwrite: bool,
     ranks: Ranks,
 ) -> _Run:
-    """Set up a fresh run, or rebuild a resumed one from ``last.pt`` (writing nothing)."""
+    """Set up a fresh run, or rebuild a resumed one from ``last.pt`` (writing nothing), on
+    ``device`` (resolved by the caller from the run's runtime settings)."""
     if resume:
         saved, config = _read_resume_state(run_dir, store, config)
         last = run_dir / LAST_CHECKPOINT
         model = SampleCNN(config.model)
-        device = _rank_device(config.runtime.device, ranks)
+        device = _rank_device(device, ranks)
         try:
             model.load_state_dict(saved["model_state"])
             model.to(device)
@@ -428,7 +429,7 @@ def _start_run(
     if config is None:
         raise ValueError("a fresh run needs a config (resemul_core.profiles.resolve_config)")
     check_fits_store(config.model, store)
-    device = _rank_device(config.runtime.device, ranks)
+    device = _rank_device(device, ranks)
     _claim_run_dir(run_dir, overwrite=overwrite, ranks=ranks)
     seed_everything(config.train.seed)  # the same initial weights on every rank
     model = SampleCNN(config.model).to(device)
@@ -454,10 +455,9 @@ def check_fits_store(model: ModelConfig, store: SegmentStore) -> None:
         )
 
 
-def _rank_device(name: str, ranks: Ranks) -> torch.device:
-    """The device of this rank: as configured, but ``cuda:LOCAL_RANK`` for CUDA under DDP;
-    a CUDA device always with its index (its RNG state is saved and restored by index)."""
-    device = select_device(name)
+def _rank_device(device: torch.device, ranks: Ranks) -> torch.device:
+    """The device of this rank: ``device``, but ``cuda:LOCAL_RANK`` for CUDA under DDP; a CUDA
+    device always with its index (its RNG state is saved and restored by index)."""
     if device.type != "cuda":
         return device
     if ranks.distributed:
