@@ -119,18 +119,24 @@ def prepare(
 
 @dataclass(frozen=True)
 class Fit:
-    """What :func:`fit` returns: the training result and the configuration that ran.
+    """What :func:`fit` returns: the training result, and the configuration that ran.
 
     Attributes:
         result: the :class:`~resemul_core.training.state.TrainResult`.
-        config: the resolved configuration of the run (for a resumed run: the saved one, with
-            this call's runtime settings).
-        device: the device the run used this time, e.g. ``"cpu"`` or ``"cuda:0"``.
     """
 
     result: TrainResult
-    config: RunConfig
-    device: str
+
+    @property
+    def config(self) -> RunConfig:
+        """The run's resolved configuration (for a resumed run: the saved one, with this
+        call's runtime settings)."""
+        return self.result.config
+
+    @property
+    def device(self) -> str:
+        """The device the run used this time, e.g. ``"cpu"`` or ``"cuda:0"``."""
+        return self.result.device
 
     def settings(self) -> dict[str, Any]:
         """Every setting of the run, ``section.field -> value``, with the device it used."""
@@ -209,7 +215,7 @@ def fit(
         max_steps=max_steps,
         progress=progress,
     )
-    return Fit(result, result.config, result.device)
+    return Fit(result)
 
 
 def evaluate(
