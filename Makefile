@@ -19,13 +19,26 @@ EXCITATION_VARIANT ?= se-multi
 WIDTH ?=
 SEED  ?=
 SET   ?=
+# Train every variant once per seed (runs go to RUNS/seed0, RUNS/seed1, ...): the evaluation
+# chapter shows the spread over seeds beside the intervals over test clips, and calls a
+# difference resolved only when every seed agrees on its sign. The demo trains two by default;
+# SEEDS="0 1 2" for three; SEED=N (or SEEDS= with another profile) one run per variant.
+SEEDS ?= $(if $(SEED),,$(if $(filter demo,$(PROFILE)),0 1))
 
 OVERRIDES := $(strip $(if $(WIDTH),width=$(WIDTH)) $(if $(SEED),seed=$(SEED)) $(SET))
 empty :=
 space := $(empty) $(empty)
 STORE := data/$(DATASET)-store
 # runs with other settings go to their own folder: runs/demo-synth-width0.125-seed1
-RUNS  := runs/$(PROFILE)-$(DATASET)$(if $(OVERRIDES),-$(subst =,,$(subst $(space),-,$(OVERRIDES))))
+RUNS  := runs/$(PROFILE)-$(DATASET)$(if $(OVERRIDES),-$(subst =,,$(subst $(space),-,$(OVERRIDES))))$(if $(strip $(SEEDS)),-seeds$(subst $(space),-,$(strip $(SEEDS))))
+# the runs the excitation chapter analyses: the first seed's when there are several
+FIRST_SEED := $(firstword $(SEEDS))
+SEED_RUNS  := $(RUNS)$(if $(FIRST_SEED),/seed$(FIRST_SEED))
+# With the demo profile the excitation chapter analyses a run of its own: a longer, hotter run of
+# EXCITATION_VARIANT (profile demo-excitations; bench/RESULTS.md, "Demo design experiment").
+# EXCITATION_PROFILE= (empty) analyses the variant's run of the comparison instead.
+EXCITATION_PROFILE ?= $(if $(filter demo,$(PROFILE)),demo-excitations)
+EXCITATION_RUN := $(if $(EXCITATION_PROFILE),runs/$(EXCITATION_PROFILE)-$(DATASET)$(if $(OVERRIDES),-$(subst =,,$(subst $(space),-,$(OVERRIDES))))/$(EXCITATION_VARIANT),$(SEED_RUNS)/$(EXCITATION_VARIANT))
 NB    := book/notebooks
 EXE   := book/executed
 # papermill runs every notebook from book/notebooks, so paths passed to it start with ../..
@@ -33,7 +46,16 @@ UP    := ../..
 ROOT_PARAM := $(if $(filter mtat,$(DATASET)),$(abspath $(MTAT_ROOT)),$(UP)/data/$(DATASET))
 PAPERMILL  := $(BIN)/papermill --cwd $(NB) --no-progress-bar
 
-.PHONY: install test lint book bench gpu-check gpu-wheels clean
+# `make book` trains JOBS runs at a time, each with THREADS torch threads (its share of the
+# cores): on 2 cores two single-threaded runs train faster than one run on both (measured in
+# bench/RESULTS.md, "CPU training step at demo width"). The CPU profiles train two at a time,
+# the others (a GPU's) one.
+JOBS    ?= $(if $(filter demo tiny,$(PROFILE)),2,1)
+THREADS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); t=$$((n / $(JOBS))); echo $$((t > 0 ? t : 1)))
+TRAIN_JOBS := $(foreach s,$(or $(strip $(SEEDS)),-),$(foreach v,$(VARIANTS),train-job/$(s)/$(v))) \
+	$(if $(EXCITATION_PROFILE),train-job/excitation-run)
+
+.PHONY: install test lint book bench gpu-check gpu-wheels clean FORCE
 
 install: $(STAMP)
 
@@ -59,29 +81,50 @@ lint: $(STAMP)
 book: $(STAMP)
 	@if [ "$(DATASET)" = mtat ] && [ -z "$(MTAT_ROOT)" ]; then \
 		echo "make book: DATASET=mtat needs MTAT_ROOT=/path/to/MagnaTagATune"; exit 2; fi
-	@mkdir -p $(EXE)/train
+	@if [ -n "$(strip $(SEEDS))" ] && [ -n "$(SEED)" ]; then \
+		echo "make book: give SEED (one run per variant) or SEEDS (several), not both"; exit 2; fi
+	@mkdir -p $(EXE)/train $(EXE)/train/seeds
 	@echo "== data: $(DATASET) -> $(STORE)"
 	@$(PAPERMILL) $(NB)/01_data.ipynb $(EXE)/01_data.ipynb -p dataset $(DATASET) \
 		-p root "$(ROOT_PARAM)" -p store_dir $(UP)/$(STORE) -p split_policy $(SPLIT_POLICY) \
 		|| { echo "make book: notebook 01_data.ipynb failed (see $(EXE)/01_data.ipynb)"; exit 1; }
-	@for v in $(VARIANTS); do \
-		echo "== training $$v (profile $(PROFILE)$(if $(OVERRIDES), + $(OVERRIDES))) -> $(RUNS)/$$v"; \
-		$(PAPERMILL) $(NB)/02_train.ipynb $(EXE)/train/$$v.ipynb -p variant $$v \
-			-p profile $(PROFILE) -p overrides "$(OVERRIDES)" -p data $(UP)/$(STORE) \
-			-p device $(DEVICE) -p out $(UP)/$(RUNS)/$$v \
-		|| { echo "make book: notebook 02_train.ipynb failed for $$v (see $(EXE)/train/$$v.ipynb)"; exit 1; }; \
-	done
+	@$(MAKE) --no-print-directory -j$(JOBS) $(TRAIN_JOBS)
+	@$(if $(EXCITATION_PROFILE),,rm -f $(EXE)/train/excitation-run.ipynb)
 	@echo "== evaluation of $(RUNS)"
 	@$(PAPERMILL) $(NB)/03_evaluate.ipynb $(EXE)/03_evaluate.ipynb -p runs $(UP)/$(RUNS) \
 		-p data $(UP)/$(STORE) -p variants "$(VARIANTS)" -p device $(DEVICE) \
 		|| { echo "make book: notebook 03_evaluate.ipynb failed (see $(EXE)/03_evaluate.ipynb)"; exit 1; }
-	@echo "== excitation analysis of $(RUNS)/$(EXCITATION_VARIANT)"
+	@echo "== excitation analysis of $(EXCITATION_RUN)"
 	@$(PAPERMILL) $(NB)/04_excitations.ipynb $(EXE)/04_excitations.ipynb \
-		-p run $(UP)/$(RUNS)/$(EXCITATION_VARIANT) -p data $(UP)/$(STORE) -p device $(DEVICE) \
+		-p run $(UP)/$(EXCITATION_RUN) -p data $(UP)/$(STORE) -p device $(DEVICE) \
 		|| { echo "make book: notebook 04_excitations.ipynb failed (see $(EXE)/04_excitations.ipynb)"; exit 1; }
-	@$(BIN)/python book/toc.py $(VARIANTS)
+	@$(BIN)/python book/toc.py $(if $(EXCITATION_PROFILE),--excitation-run $(EXCITATION_VARIANT)) $(VARIANTS)
 	$(BIN)/jupyter-book build book --warningiserror --keep-going
 	@echo "make book: open book/_build/html/index.html"
+
+# One training run of the book, as the training chapter: train-job/SEED/VARIANT, SEED "-" for
+# the plain runs folder (no SEEDS); the first seed's pages are the book's, the others go to
+# book/executed/train/seeds/.
+train-job/%: FORCE
+	@s=$(word 1,$(subst /, ,$*)); v=$(word 2,$(subst /, ,$*)); \
+	if [ "$$s" = - ]; then dir=$(RUNS)/$$v; extra="$(OVERRIDES)"; page=$(EXE)/train/$$v.ipynb; \
+	else dir=$(RUNS)/seed$$s/$$v; extra="$(strip $(OVERRIDES) seed=$$s)"; page=$(EXE)/train/$$v.ipynb; \
+		[ "$$s" = "$(FIRST_SEED)" ] || page=$(EXE)/train/seeds/$$v-seed$$s.ipynb; fi; \
+	echo "== training $$v (profile $(PROFILE)$${extra:+ + $$extra}) -> $$dir"; \
+	OMP_NUM_THREADS=$(THREADS) $(PAPERMILL) $(NB)/02_train.ipynb $$page -p variant $$v \
+		-p profile $(PROFILE) -p overrides "$$extra" -p data $(UP)/$(STORE) \
+		-p device $(DEVICE) -p out $(UP)/$$dir \
+	|| { echo "make book: notebook 02_train.ipynb failed for $$v (see $$page)"; exit 1; }
+
+# The excitation chapter's own run (EXCITATION_PROFILE, by default with the demo profile).
+train-job/excitation-run: FORCE
+	@echo "== training $(EXCITATION_VARIANT) for the excitation chapter (profile $(EXCITATION_PROFILE)) -> $(EXCITATION_RUN)"
+	@OMP_NUM_THREADS=$(THREADS) $(PAPERMILL) $(NB)/02_train.ipynb $(EXE)/train/excitation-run.ipynb \
+		-p variant $(EXCITATION_VARIANT) -p profile $(EXCITATION_PROFILE) -p overrides "$(OVERRIDES)" \
+		-p data $(UP)/$(STORE) -p device $(DEVICE) -p out $(UP)/$(EXCITATION_RUN) \
+	|| { echo "make book: notebook 02_train.ipynb failed for the excitation run (see $(EXE)/train/excitation-run.ipynb)"; exit 1; }
+
+FORCE:
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

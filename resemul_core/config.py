@@ -262,7 +262,9 @@ class TrainConfig(DictConfig):
     lr_decay: float = (
         1e-6  # Keras time decay per step: lr_t = lr / (1 + decay t) (specification §3)
     )
-    weight_decay: float = 0.0  # L2 coefficient; official default 0 (specification §2.3)
+    # Keras' l2(wd) on convolution kernels only: gradient 2·wd·w; official default 0
+    # (specification §2.3; build_optimizer)
+    weight_decay: float = 0.0
     batch_size: int = 23  # segments per optimizer step (specification §3)
     patience: int = (
         2  # Keras 2.0.5 EarlyStopping patience: stop at 3rd bad epoch (specification §3)

@@ -5,6 +5,7 @@ tests; it takes a couple of minutes on two cores.
 """
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -16,9 +17,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "book"))  # the book's build script, book/toc.py
-from toc import write_toc  # noqa: E402
+from toc import title_training_pages, toc_text, write_toc  # noqa: E402
 
-VARIANTS = ["res1", "se-multi"]
+VARIANTS = ["res1", "se", "se-multi"]
 NOTEBOOKS = ["01_data", "02_train", "03_evaluate", "04_excitations"]
 
 
@@ -62,6 +63,7 @@ def built_book(tmp_path_factory):
         book, "04_excitations", "04_excitations", run=f"{runs}/se-multi", data=store, device="cpu"
     )
     write_toc(book / "_toc.yml", VARIANTS)
+    title_training_pages(book / "executed", VARIANTS)
     build = subprocess.run(
         [
             str(Path(sys.executable).parent / "jupyter-book"),
@@ -81,10 +83,11 @@ def test_every_notebook_executes_with_the_tiny_profile(built_book):
     executed = sorted(
         p.relative_to(book / "executed").as_posix() for p in (book / "executed").rglob("*.ipynb")
     )
-    assert executed == ["01_data.ipynb", "03_evaluate.ipynb", "04_excitations.ipynb"] + [
-        f"train/{v}.ipynb" for v in VARIANTS
-    ]
-    for page, figures in [("01_data", 3), ("03_evaluate", 2), ("04_excitations", 4)]:
+    assert executed == sorted(
+        ["01_data.ipynb", "03_evaluate.ipynb", "04_excitations.ipynb"]
+        + [f"train/{v}.ipynb" for v in VARIANTS]
+    )
+    for page, figures in [("01_data", 4), ("03_evaluate", 3), ("04_excitations", 4)]:
         notebook = nbformat.read(book / "executed" / f"{page}.ipynb", as_version=4)
         images = [
             o
@@ -122,8 +125,30 @@ def test_the_book_builds_without_warnings(built_book):
     for page in ["intro", "executed/03_evaluate", "executed/04_excitations", "reproduce", "api"]:
         assert (html / f"{page}.html").is_file(), page
     evaluation = (html / "executed" / "03_evaluate.html").read_text()
-    assert "paper_roc_auc" in evaluation and "<img" in evaluation
+    assert "paper ROC-AUC (MTAT)" in evaluation and "<img" in evaluation
+    assert "ROC-AUC [95 % clips]" in evaluation  # every score with its interval
+    assert "multi-level aggregation helps SE" in evaluation  # the claims table
+    excitation = (html / "executed" / "04_excitations.html").read_text()
+    assert "Did the gates learn?" in excitation and "most first-block channels" in excitation
     assert "Training se-multi" in (html / "training.html").read_text()
+    for variant in VARIANTS:  # each training page is titled with its variant
+        page = (html / "executed" / "train" / f"{variant}.html").read_text()
+        assert f"<title>Training {variant}" in page
+        assert re.search(rf"<h1>Training {re.escape(variant)}<a", page)
+    data_page = (html / "executed" / "01_data.html").read_text()
+    assert data_page.count("<audio") >= 3 and "data:audio/" in data_page
+    spec = (html / "specification.html").read_text()
+    for label in [
+        "eq-se-gate",
+        "eq-residual",
+        "eq-bce",
+        "eq-roc-auc",
+        "eq-lr",
+        "eq-early-stopping",
+    ]:
+        assert f'id="equation-{label}"' in spec, label
+    cite = re.sub(r"<[^>]+>", "", (html / "cite.html").read_text())  # text without highlighting
+    assert "@inproceedings{kim2018sample" in cite and "1710.10451" in cite
 
 
 def test_an_unknown_variant_stops_the_training_notebook_with_the_valid_names(tmp_path):
@@ -136,3 +161,29 @@ def test_an_unknown_variant_stops_the_training_notebook_with_the_valid_names(tmp
             progress_bar=False,
             kernel_name="python3",
         )
+
+
+def test_toc_lists_the_cite_page_and_titles_training_pages(tmp_path):
+    text = toc_text(["se-multi"])
+    assert "      - file: cite\n" in text and 'title: "Training se-multi"' in text
+    notebook = nbformat.read(ROOT / "book" / "notebooks" / "02_train.ipynb", as_version=4)
+    (tmp_path / "train").mkdir()
+    nbformat.write(notebook, tmp_path / "train" / "se-multi.ipynb")
+    assert title_training_pages(tmp_path, ["se-multi", "basic"]) == [
+        tmp_path / "train" / "se-multi.ipynb"
+    ]
+    retitled = nbformat.read(tmp_path / "train" / "se-multi.ipynb", as_version=4)
+    first = retitled.cells[0].source.splitlines()
+    assert (
+        first[0] == "# Training se-multi" and first[1:] == notebook.cells[0].source.splitlines()[1:]
+    )
+    assert title_training_pages(tmp_path, ["se-multi"]) == []  # idempotent
+
+
+def test_cite_page_gives_the_library_version():
+    from resemul_core._version import __version__
+
+    cite = (ROOT / "book" / "cite.md").read_text()
+    assert f"version = {{{__version__}}}" in cite and "@inproceedings{kim2018sample" in cite
+    bib = (ROOT / "book" / "references.bib").read_text()
+    assert "@misc{resemul_companion" in bib and f"version {__version__}" in bib

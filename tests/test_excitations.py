@@ -1,5 +1,6 @@
 """Excitation analysis: gates match a hand computation, analyses match hand-computed values."""
 
+import dataclasses
 import json
 import math
 
@@ -382,3 +383,26 @@ def test_cli_refuses_a_checkpoint_without_se_blocks(store, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "variant 'basic-multi' has no squeeze-and-excitation blocks" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_summary_intervals_and_gate_spread_on_a_constructed_example():
+    base = _constructed_set()
+    flat = np.full((60, 4), 0.5, dtype=np.float32)  # an untrained level: every gate 0.5
+    three = dataclasses.replace(base, levels=(1, 2, 3), clip=(base.clip[0], flat, base.clip[1]))
+    summary = summarize_excitations(three, num_resamples=200)
+    json.dumps(summary, allow_nan=False)
+    rows = {row["level"]: row for row in summary["std_across_tags"]}
+    for row in rows.values():
+        assert row["low"] <= row["std"] + 1e-12 and row["std"] <= row["high"] + 1e-12
+    # level 3's tag means are 0.3 and 0.5 in every resample: std 0.1, an interval of width 0
+    assert rows[3]["low"] == pytest.approx(0.1) and rows[3]["high"] == pytest.approx(0.1)
+    assert (rows[2]["std"], rows[2]["low"], rows[2]["high"]) == (0.0, 0.0, 0.0)
+    shape = summary["shape"]
+    assert shape["middle_levels"] == [2]
+    assert shape["last_minus_middle"]["estimate"] == pytest.approx(0.1)
+    assert shape["first_minus_middle"]["estimate"] == pytest.approx(rows[1]["std"])
+    gates = {g["level"]: g for g in summary["gates"]}
+    assert gates[2] == {"level": 2, "mean": 0.5, "p05": 0.5, "p95": 0.5, "channel_min": 0.5,
+                        "channel_max": 0.5, "mean_abs_from_half": 0.0}  # fmt: skip
+    assert gates[3]["mean_abs_from_half"] == pytest.approx(0.1)  # half the clips at 0.3
+    assert gates[3]["mean"] == pytest.approx(0.4)

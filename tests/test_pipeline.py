@@ -136,14 +136,86 @@ def test_make_book_passes_width_and_seed_to_the_training_chapter():
         text=True,
         check=True,
     ).stdout
-    train = next(line for line in dry.splitlines() if "-p profile" in line)
-    assert '-p overrides "width=0.125 seed=3"' in train
-    assert re.search(r"runs/demo-synth-width0\.125-seed3/\$v", dry)
+    assert 'dir=runs/demo-synth-width0.125-seed3/$v; extra="width=0.125 seed=3"' in dry
+    assert '-p overrides "$extra"' in dry and "-p out ../../$dir" in dry
+    assert "OMP_NUM_THREADS=" in dry  # each training job gets its share of the cores
     plain = subprocess.run(
-        ["make", "-n", "--no-print-directory", "book", "VARIANTS=se"],
+        ["make", "-n", "--no-print-directory", "book", "VARIANTS=se", "SEEDS="],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    assert '-p overrides ""' in plain and "runs/demo-synth/$v" in plain
+    assert 'dir=runs/demo-synth/$v; extra=""' in plain
+    # the excitation chapter analyses a longer run of its own with the demo profile ...
+    assert "-p profile demo-excitations" in plain
+    assert "-p run ../../runs/demo-excitations-synth/se-multi" in plain
+    assert "book/toc.py --excitation-run se-multi se" in plain
+    # ... and the comparison's run with any other profile
+    tiny = _make_book("VARIANTS=se", "PROFILE=tiny", "SEEDS=").stdout
+    assert "-p run ../../runs/tiny-synth/se-multi" in tiny and "demo-excitations" not in tiny
+    # by default every variant is trained from two seeds
+    default = _make_book("VARIANTS=se").stdout
+    assert "-j2 train-job/0/se train-job/1/se train-job/excitation-run" in default
+    assert "-p runs ../../runs/demo-synth-seeds0-1 " in default
+
+
+def _make_book(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["make", "-n", "--no-print-directory", "book", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+
+
+def _training_calls(*args: str) -> list[str]:
+    """The papermill calls of ``make book``'s training jobs, with ``echo`` standing in for
+    papermill: each job's shell snippet, as ``make -n`` prints it, is run by ``sh``."""
+    dry = _make_book(*args).stdout
+    jobs = re.search(r"make --no-print-directory -j\d+ (.*)", dry).group(1).split()
+    calls = []
+    for job in jobs:
+        snippet = subprocess.run(
+            ["make", "-n", "--no-print-directory", job, *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.replace(".venv/bin/papermill", "echo papermill")
+        out = subprocess.run(["sh", "-c", snippet], capture_output=True, text=True, check=True)
+        calls += [line for line in out.stdout.splitlines() if line.startswith(("papermill", "OMP"))]
+    return calls
+
+
+def test_make_book_trains_every_variant_per_seed_and_compares_the_seeds():
+    """``make book SEEDS="0 1"``: one run per seed and variant under ``RUNS/seed<N>``, the first
+    seed's training pages in the book, the evaluation reading every seed, the excitation
+    chapter the first seed's model (without its own run); two jobs at a time, one thread each
+    on this 2-core layout."""
+    args = ("VARIANTS=se basic", "SEEDS=0 1", "WIDTH=0.125", "EXCITATION_PROFILE=", "THREADS=1")
+    dry = _make_book(*args).stdout
+    assert "make --no-print-directory -j2 train-job/0/se train-job/0/basic train-job/1/se" in dry
+    assert "-p runs ../../runs/demo-synth-width0.125-seeds0-1 " in dry
+    assert "-p run ../../runs/demo-synth-width0.125-seeds0-1/seed0/se-multi" in dry
+    calls = _training_calls(*args)
+    assert len(calls) == 4
+    assert "book/executed/train/se.ipynb -p variant se" in calls[0]
+    assert "-p overrides width=0.125 seed=0" in calls[0]
+    assert "-p out ../../runs/demo-synth-width0.125-seeds0-1/seed0/se" in calls[0]
+    assert "book/executed/train/seeds/basic-seed1.ipynb -p variant basic" in calls[3]
+    assert "-p overrides width=0.125 seed=1" in calls[3]
+    one = _training_calls("VARIANTS=se", "JOBS=1", "SEEDS=")
+    assert "-p profile demo-excitations" in one[-1] and len(one) == 2
+    single = _make_book("VARIANTS=se", "JOBS=1", "SEEDS=").stdout
+    assert "-j1 train-job/-/se train-job/excitation-run" in single
+    # run for real: the check stops the build before any notebook runs
+    both = subprocess.run(
+        ["make", "--no-print-directory", "book", "VARIANTS=se", "SEEDS=0 1", "SEED=3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert both.returncode == 2
+    assert "give SEED (one run per variant) or SEEDS (several), not both" in both.stdout

@@ -34,8 +34,9 @@ def _is_png(path) -> bool:
     return len(data) > 1000 and data[:8] == PNG
 
 
-def _legend_labels(ax) -> list[str]:
-    return [t.get_text() for t in ax.get_legend().get_texts()]
+def _legend_labels(fig) -> list[str]:
+    (legend,) = fig.legends  # one legend for all panels
+    return [t.get_text() for t in legend.get_texts()]
 
 
 def test_excitations_at_levels_one_panel_per_level_sorted_channels(tmp_path):
@@ -50,24 +51,46 @@ def test_excitations_at_levels_one_panel_per_level_sorted_channels(tmp_path):
         "block 3 (16 channels)",
         "block 4 (4 channels)",
     ]
-    assert _legend_labels(fig.axes[-1]) == ["classical", "metal", "dance"]  # the paper's three
-    # Channels are sorted by their mean over the drawn tags, highest first.
+    assert _legend_labels(fig) == ["classical", "metal", "dance"]  # the paper's three
+    # Every panel draws every chosen tag, with its own colour and line style.
+    for ax in fig.axes:
+        assert [line.get_label() for line in ax.get_lines()] == ["classical", "metal", "dance"]
+        assert len({line.get_linestyle() for line in ax.get_lines()}) == 3
+    # Channels are sorted by their mean over the drawn tags, lowest first (the paper's order).
     drawn = np.stack([line.get_ydata() for line in fig.axes[1].get_lines()])
     np.testing.assert_allclose(
-        drawn, means[3][[1, 2, 3]][:, np.argsort(-means[3][[1, 2, 3]].mean(0))]
+        drawn, means[3][[1, 2, 3]][:, np.argsort(means[3][[1, 2, 3]].mean(0))]
     )
-    assert np.all(np.diff(drawn.mean(axis=0)) <= 0)
+    assert np.all(np.diff(drawn.mean(axis=0)) >= 0)
 
 
 def test_excitations_at_levels_falls_back_to_the_first_tags_and_checks_names():
     means = {1: np.full((4, 2), 0.5)}
     means[1][0] = np.nan  # tag "a" is carried by no clip
     fig = plot_excitations_at_levels(means, ["a", "b", "c", "d"])
-    assert _legend_labels(fig.axes[0]) == ["b", "c", "d"]
+    assert _legend_labels(fig) == ["b", "c", "d"]  # all alike: the first usable ones
     fig = plot_excitations_at_levels(means, ["a", "b", "c", "d"], show_tags=["d"])
-    assert _legend_labels(fig.axes[0]) == ["d"]
+    assert _legend_labels(fig) == ["d"]
     with pytest.raises(ValueError, match=r"unknown tag\(s\) \['metal'\]"):
         plot_excitations_at_levels(means, ["a", "b", "c", "d"], show_tags=["metal"])
+
+
+def test_without_the_papers_tags_several_contrasting_tags_are_drawn():
+    """A store without classical/metal/dance still gets three tags, the most different ones."""
+    rows = {"a": 0.5, "b": 0.5, "c": 0.75, "d": 0.25, "e": 0.5}
+    means = {
+        level: np.array([[v] * channels for v in rows.values()])
+        for level, channels in ((1, 4), (5, 8), (9, 16))
+    }
+    fig = plot_excitations_at_levels(means, list(rows))
+    # farthest from the average first (c and d tie: the earlier), then the farthest from those
+    assert _legend_labels(fig) == ["c", "d", "a"]
+    assert all(len(ax.get_lines()) == 3 for ax in fig.axes)
+    assert _legend_labels(plot_excitations_at_levels(means, list(rows), num_tags=2)) == ["c", "d"]
+    with_paper = {k: np.vstack([v, v[:1]]) for k, v in means.items()}
+    fig = plot_excitations_at_levels(with_paper, [*rows, "metal"])
+    assert _legend_labels(fig)[0] == "metal"  # the paper's tags come first where present
+    assert len(_legend_labels(fig)) == 3
 
 
 def test_first_block_figure_marks_half_and_the_split(tmp_path):
@@ -80,6 +103,13 @@ def test_first_block_figure_marks_half_and_the_split(tmp_path):
     lines = ax.get_lines()
     assert len(lines) == 5 + 2  # five tags with clips, the 0.5 line and the split line
     assert [ln.get_label() for ln in lines[:5]] == ["a", "b", "d", "e", "f"]
+    # channels sorted by their mean over the tags, lowest first, as the paper's notebook does
+    kept = means[[0, 1, 3, 4, 5]]
+    drawn = np.stack([ln.get_ydata() for ln in lines[:5]])
+    np.testing.assert_allclose(drawn, kept[:, np.argsort(kept.mean(axis=0))])
+    assert np.all(np.diff(drawn.mean(axis=0)) >= 0)
+    assert "lowest first" in ax.get_xlabel()
+    assert len(fig.legends) == 1  # the tag legend sits below the axis
     assert list(lines[5].get_ydata()) == [0.5, 0.5]
     assert list(lines[6].get_xdata()) == [2.5, 2.5]
     assert "3 channels | 5 channels" in [t.get_text() for t in ax.texts]
@@ -103,27 +133,35 @@ def test_std_figure_overlays_the_paper(tmp_path):
     assert len(plot_std_across_tags(table, paper=False).axes[0].get_lines()) == 1
 
 
-def test_loudness_scatter_five_panels_subsampled_with_full_data_lines(tmp_path):
+def test_loudness_scatter_two_rows_of_density_panels_with_the_fitted_lines(tmp_path):
     rng = np.random.default_rng(2)
     loud = rng.uniform(0, 0.5, 3000)
     slopes = np.array([0.6, -0.4, 0.01, 0.2])
     ex = 0.4 + np.outer(loud, slopes) + rng.normal(0, [0.05, 0.05, 0.01, 0.001], (3000, 4))
-    fig = plot_loudness_scatter(ex, loud, max_points=500, path=tmp_path / "loud.png")
-    assert len(fig.axes) == 5 and _is_png(tmp_path / "loud.png")
-    titles = [ax.get_title() for ax in fig.axes]
-    assert titles[0].startswith("average of 4 channels\n(3 rising, 1 falling)")
+    fig = plot_loudness_scatter(ex, loud, path=tmp_path / "loud.png")
+    assert len(fig.axes) == 6 and _is_png(tmp_path / "loud.png")
+    assert fig.get_size_inches()[0] <= 10  # reads at the book's page width
+    assert [ax.get_subplotspec().rowspan.start for ax in fig.axes] == [0, 0, 0, 1, 1, 1]
+    titles = [ax.get_title() for ax in fig.axes[:5]]
+    assert titles[0].startswith("average of 4 channels\n")
+    (summary,) = fig.axes[5].texts
+    assert summary.get_text().startswith("3 channels rise with loudness,\n1 fall")
+    assert not fig.axes[5].axison
     assert [t.split("\n")[0] for t in titles[1:]] == [
         "most positive: channel 0",
         "most negative: channel 1",
         "most neutral: channel 2",
         "least error: channel 3",
     ]
-    for ax in fig.axes:
-        assert len(ax.collections[0].get_offsets()) == 500
+    inside = (ex >= 0) & (ex <= 1)
+    for k, ax in enumerate(fig.axes[:5]):
+        counts = ax.collections[0].get_array()  # hexagon counts: every segment is drawn
+        expected = inside.all(axis=1).sum() if k == 0 else inside[:, k - 1].sum()
+        assert counts.sum() == pytest.approx(expected, abs=3) and counts.min() >= 1
     (line,) = fig.axes[1].get_lines()
     x, y = line.get_xdata(), line.get_ydata()
     assert (y[1] - y[0]) / (x[1] - x[0]) == pytest.approx(0.6, abs=0.02)
-    assert fig.axes[0].get_xlabel() == "loudness (RMS amplitude)"
+    assert fig.axes[3].get_xlabel() == "loudness (RMS amplitude)"
 
 
 def _excitation_set() -> ExcitationSet:
@@ -156,18 +194,19 @@ def test_all_excitation_figures_from_an_excitation_set(tmp_path):
         "excitations_at_levels": 3,
         "first_block_excitations": 1,
         "std_across_tags": 1,
-        "loudness_scatter": 5,
+        "loudness_scatter": 6,
     }
     assert {name: len(fig.axes) for name, fig in figures.items()} == expected_axes
     for name in expected_axes:
         assert _is_png(tmp_path / "figs" / f"{name}.png")
     levels_fig = figures["excitations_at_levels"]
     assert [ax.get_title().split()[1] for ax in levels_fig.axes] == ["1", "3", "4"]
-    assert figures["loudness_scatter"].axes[0].get_xlabel() == "loudness (dBFS)"
+    assert figures["loudness_scatter"].axes[3].get_xlabel() == "loudness (dBFS)"
 
 
 def _fits_drawn(figure: Figure) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(ax.get_lines()[0].get_xdata(), ax.get_lines()[0].get_ydata()) for ax in figure.axes]
+    panels = figure.axes[:5]  # the sixth axis holds text
+    return [(ax.get_lines()[0].get_xdata(), ax.get_lines()[0].get_ydata()) for ax in panels]
 
 
 def test_excitation_figures_draw_the_summarys_lines_and_fit_nothing(monkeypatch):
@@ -210,8 +249,8 @@ def test_without_a_summary_the_figures_fit_once_through_the_analysis(monkeypatch
     assert len(calls) == 2  # one summary: the per-channel table and the channel average
     ex, loud = _excitation_set().segment_level(1), _excitation_set().loudness()
     fits = loudness_summary(ex, loud)
-    given = _fits_drawn(plot_loudness_scatter(ex, loud, fits=fits, max_points=10))
-    computed = _fits_drawn(plot_loudness_scatter(ex, loud, max_points=10))
+    given = _fits_drawn(plot_loudness_scatter(ex, loud, fits=fits))
+    computed = _fits_drawn(plot_loudness_scatter(ex, loud))
     for (_, y_given), (_, y_computed) in zip(given, computed, strict=True):
         np.testing.assert_array_equal(y_given, y_computed)
     with pytest.raises(ValueError, match="fits of 8 channels of rms loudness"):

@@ -230,7 +230,7 @@ def test_parse_overrides_refuses_bad_values(item, message):
 
 def test_get_profile():
     assert get_profile("demo") is PROFILES["demo"]
-    assert list(PROFILES) == ["paper", "demo", "gpu", "tiny"]
+    assert list(PROFILES) == ["paper", "demo", "demo-excitations", "gpu", "tiny"]
     with pytest.raises(ValueError, match="unknown profile 'fast'; valid profiles: paper, demo"):
         get_profile("fast")
 
@@ -255,6 +255,11 @@ def test_profiles_state_their_values():
     assert demo.train.num_stages == 2 and demo.train.max_epochs_per_stage == 3
     assert demo.train.max_steps_per_epoch == 120 and demo.train.val_segments == 230
     assert demo.train.precision == "bf16" and demo.runtime.checkpoint_every == 120
+    assert demo.train.learning_rate == 0.04 and demo.train.lr_factor == 0.2
+    excitations = resolve_config("se-multi", "demo-excitations")
+    assert excitations.model == resolve_config("se-multi", "demo").model  # demo's sizes
+    assert excitations.train.learning_rate == 0.1 and excitations.train.num_stages == 3
+    assert excitations.train.max_epochs_per_stage * excitations.train.max_steps_per_epoch == 360
     gpu = resolve_config("basic", "gpu")
     assert gpu.model.width == 1.0 and gpu.model.bn_momentum == KERAS_BN_MOMENTUM
     assert gpu.train.num_stages == 2 and gpu.train.max_epochs_per_stage == 3
@@ -265,6 +270,7 @@ def test_profiles_state_their_values():
     assert tiny.train.num_stages == 2 and tiny.train.max_epochs_per_stage == 3
     assert tiny.train.max_steps_per_epoch == 10 and tiny.train.val_segments == 230
     assert tiny.train.precision == "bf16" and tiny.runtime.checkpoint_every == 5
+    assert tiny.train.learning_rate == 0.01  # a smoke test: the paper's rate, 60 steps at most
     paper = resolve_config("basic", "paper")
     assert paper.model == model_config("basic") and paper.train == TrainConfig()
     assert paper.train.precision == "fp32" and paper.train.num_stages == 5

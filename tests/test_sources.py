@@ -15,9 +15,12 @@ import soundfile as sf
 from resemul_core.data.prepare import prepare_store
 from resemul_core.data.sources import (
     MTAT_KNOWN_BROKEN,
+    SOURCES,
+    SYNTH_MARKER,
     read_msd,
     read_mtat,
     read_source,
+    read_synth,
     read_table,
 )
 from resemul_core.data.splits import MTAT_SPLIT_OF_FOLDER, mtat_folders, mtat_split
@@ -347,3 +350,29 @@ def test_msd_errors_list_what_was_searched(tmp_path):
     (tmp_path / "test_x_msd_id.txt").unlink()
     with pytest.raises(FileNotFoundError, match=r"test_x_msd_id\.txt"):
         read_msd(tmp_path)
+
+
+def test_a_synthetic_folder_is_dataset_synth_and_real_mtat_stays_mtat(tmp_path):
+    from resemul_core.data.synth import PARAMS_FILE
+
+    assert SYNTH_MARKER == PARAMS_FILE and SOURCES["synth"] is read_synth
+    root = make_mtat(tmp_path / "mtat")
+    assert read_mtat(root).dataset == "mtat"
+    with pytest.raises(FileNotFoundError, match="not a synthetic dataset"):
+        read_source("synth", root)
+    (root / SYNTH_MARKER).write_text("{}")  # what the synthetic generators write
+    assert read_mtat(root).dataset == "synth"  # MTAT's layout, but not MTAT
+    source = read_source("synth", root)
+    assert source.dataset == "synth" and source.split_counts() == read_mtat(root).split_counts()
+
+
+def test_data_info_of_a_synthetic_store_says_synth(tmp_path, capsys):
+    root = make_mtat(tmp_path / "mtat")
+    (root / SYNTH_MARKER).write_text("{}")
+    assert main(prepare_args(root, tmp_path / "store", "--split-policy", "resemul")) == 0
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert manifest["dataset"] == "synth"
+    capsys.readouterr()
+    assert main(["data", "info", str(tmp_path / "store")]) == 0
+    out = capsys.readouterr().out
+    assert "dataset      synth" in out and "mtat" not in out.split("dataset", 1)[1].split("\n")[0]

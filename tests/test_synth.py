@@ -40,9 +40,9 @@ def _files(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> tuple[Path, dict]:
-    """32 clips of 3 s: two per folder."""
+    """50 clips of 3 s: two per train folder and in the valid folder, eight per test folder."""
     root = tmp_path_factory.mktemp("synth")
-    summary = generate_dataset(root, num_clips=32, seed=3, duration=3.0, workers=1, progress=False)
+    summary = generate_dataset(root, num_clips=50, seed=3, duration=3.0, workers=1, progress=False)
     return root, summary
 
 
@@ -57,8 +57,8 @@ def test_csv_is_mtat_format(small):
     assert lines[0].startswith('"clip_id"\t"piano"\t') and lines[0].endswith('\t"mp3_path"')
     rows = list(csv.reader(lines, delimiter="\t"))
     assert rows[0] == ["clip_id", *SYNTH_TAGS, "mp3_path"]
-    assert len(rows) == 33 and all(len(r) == len(rows[0]) for r in rows)
-    assert [r[0] for r in rows[1:]] == [str(i) for i in range(32)]
+    assert len(rows) == 51 and all(len(r) == len(rows[0]) for r in rows)
+    assert [r[0] for r in rows[1:]] == [str(i) for i in range(50)]
     assert all(v in ("0", "1") for r in rows[1:] for v in r[1:-1])
     assert all(NAME.match(r[-1]) for r in rows[1:])
     # pandas reads the quoted values back as integers, as an MTAT reader would
@@ -77,14 +77,17 @@ def test_files_sit_in_their_folders_and_fill_every_split(small):
         table["mp3_path"]
     )
     folders = Counter(p[0] for p in table["mp3_path"])
-    assert folders == dict.fromkeys("0123456789abcdef", 2)
-    assert summary["splits"] == {"train": 24, "valid": 2, "test": 6}
-    assert summary["clips"] == 32 and summary["peak"] < 1.0
+    assert folders == {**dict.fromkeys("0123456789abc", 2), **dict.fromkeys("def", 8)}
+    assert summary["splits"] == {"train": 24, "valid": 2, "test": 24}
+    assert summary["clips"] == 50 and summary["peak"] < 1.0
 
 
 def test_default_size_gives_every_tag_positives_and_negatives_in_every_split():
     clips = synth._plan(DEFAULT_NUM_CLIPS, 0)
-    assert Counter(c.mp3_path[0] for c in clips) == dict.fromkeys("0123456789abcdef", 32)
+    folders = Counter(c.mp3_path[0] for c in clips)
+    assert folders == {**dict.fromkeys("0123456789abc", 32), **dict.fromkeys("def", 128)}
+    splits = Counter(mtat_split(c.mp3_path) for c in clips)
+    assert splits == {"train": 384, "valid": 32, "test": 384}
     for split in ("train", "valid", "test"):
         members = [c for c in clips if mtat_split(c.mp3_path) == split]
         counts = Counter(tag for c in members for tag in c.spec.tags)
@@ -177,8 +180,8 @@ def test_tags_follow_the_documented_rules():
         assert ("female" in tags) == (has("voice") and spec.female)
         assert ("male" in tags) == (has("voice") and not spec.female)
         assert ("slow" in tags) == (spec.bpm <= 78) and ("fast" in tags) == (spec.bpm >= 148)
-        assert ("quiet" in tags) == (spec.level_db <= -37)
-        assert ("loud" in tags) == (spec.level_db >= -19)
+        assert ("quiet" in tags) == (spec.level_db <= -35)
+        assert ("loud" in tags) == (spec.level_db >= -21)
         assert ("rock" in tags) == (has("guitar") and has("drums") and not has("synth"))
         acoustic = {"piano", "guitar", "strings", "flute"}
         assert ("electronic" in tags) == (has("synth") and not spec.instruments & acoustic)
@@ -186,16 +189,22 @@ def test_tags_follow_the_documented_rules():
 
 def test_level_spans_30_db_and_drives_loud_and_quiet(small):
     rng = np.random.default_rng(0)
-    levels = [synth._sample_spec(rng).level_db for _ in range(3000)]
+    specs = [synth._sample_spec(rng) for _ in range(3000)]
+    levels = np.array([spec.level_db for spec in specs])
     assert max(levels) - min(levels) >= 30
+    assert synth._LEVEL_DB[0] <= levels.min() and levels.max() <= synth._LEVEL_DB[1]
+    # loudness follows the style: it correlates with the genres, as in recorded music
+    for quiet_tag, loud_tag in (("classical", "techno"), ("ambient", "rock")):
+        on = {t: np.array([t in spec.tags for spec in specs]) for t in (quiet_tag, loud_tag)}
+        assert levels[on[loud_tag]].mean() - levels[on[quiet_tag]].mean() > 8
     # the decoded audio has the planned level, so loud/quiet are audible
     root, summary = small
     table = pd.read_csv(root / "annotations_final.csv", sep="\t")
-    plan = synth._plan(32, 3)
+    plan = synth._plan(50, 3)
     measured = np.array([dbfs(rms(sf.read(root / "mp3" / p)[0])) for p in table["mp3_path"]])
     planned = np.array([c.spec.level_db for c in plan])
     assert np.abs(measured - planned).max() < 1.0
-    assert measured[table["quiet"] == 1].max() < measured[table["loud"] == 1].min() - 15
+    assert measured[table["quiet"] == 1].max() < measured[table["loud"] == 1].min() - 10
     assert summary["level_db"][1] - summary["level_db"][0] > 15
     rendered = [dbfs(rms(render_clip(c.spec, c.audio_seed, 16000, 48000))) for c in plan]
     assert summary["level_db"] == (round(min(rendered), 2), round(max(rendered), 2))
@@ -206,6 +215,18 @@ def test_level_spans_30_db_and_drives_loud_and_quiet(small):
     low = render_clip(quietest, plan[0].audio_seed, 16000, 32000)
     high = render_clip(loudest, plan[0].audio_seed, 16000, 32000)
     assert dbfs(rms(high)) - dbfs(rms(low)) > 30 and np.abs(high).max() < 0.91
+
+
+def test_level_changes_within_a_clip_by_the_planned_depth():
+    plan = synth._plan(50, 3)
+    sr, n, seg = 16000, 16000 * 29, 16000 * 2
+    for depth in (0.0, 12.0):
+        spec = dataclasses.replace(plan[0].spec, dynamics_db=depth, level_db=-30.0)
+        audio = render_clip(spec, plan[0].audio_seed, sr, n)
+        levels = [dbfs(rms(audio[i : i + seg])) for i in range(0, n - seg + 1, seg)]
+        spread = max(levels) - min(levels)
+        assert (spread < 4.0) if depth == 0 else (4.0 < spread < 14.0), (depth, spread)
+        assert abs(dbfs(rms(audio)) + 30.0) < 0.5  # the clip keeps its planned level
 
 
 def test_names_and_folders_do_not_depend_on_tags(monkeypatch):
@@ -286,9 +307,8 @@ def test_release_clips_are_level_variants_with_matching_tags(release):
         planned = -13.0 + row.gain_steps * synth_release.GAIN_STEP_DB
         assert abs(dbfs(rms(audio)) - planned) < 1.0  # the limiter and encoder delay: < 1 dB
         if row.tags:
-            assert ("loud" in row.tags) == (planned >= -19) and ("quiet" in row.tags) == (
-                planned <= -37
-            )
+            assert ("loud" in row.tags) == (planned >= synth._LOUD_DB)
+            assert ("quiet" in row.tags) == (planned <= synth._QUIET_DB)
 
 
 def test_release_at_mtat_size_reproduces_the_real_counts():

@@ -111,3 +111,33 @@ def test_cli_tag_text_and_json(checkpoint, files, tmp_path, capsys):
     assert {t["tag"] for t in data[0]["tags"]} == set(TAGS) and probs == sorted(probs)[::-1]
     tagger = Tagger.from_checkpoint(checkpoint, device="cpu")
     assert probs[0] == pytest.approx(float(tagger.predict(files["short.flac"]).max()))
+
+
+def test_tag_store_clips_shows_every_tag_list_in_full(checkpoint, files):
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from resemul_core.interfaces.tagger import TagTable, tag_store_clips
+
+    long_tags = [f"a rather long tag name {k}" for k in range(3)]
+    store = SimpleNamespace(
+        audio_path=lambda i: files["long.mp3"],
+        clips=pd.DataFrame({"clip_id": ["c0"]}),
+        tags=long_tags,
+        labels=np.ones((1, 3), dtype=np.uint8),
+    )
+    tagger = Tagger.from_checkpoint(checkpoint, device="cpu")
+    table = tag_store_clips(tagger, store, [0], top_k=3)
+    assert isinstance(table, TagTable) and list(table.columns) == [
+        "clip_id",
+        "file",
+        "predicted",
+        "true",
+    ]
+    true = ", ".join(long_tags)
+    assert table["true"].iat[0] == true and len(true) > 50  # longer than pandas shows
+    assert len(table["predicted"].iat[0].split(", ")) == 3
+    for text in (table._repr_html_(), repr(table)):
+        assert true in text and table["predicted"].iat[0] in text and "..." not in text
+    assert isinstance(table.head(1), TagTable)  # operations keep the full display

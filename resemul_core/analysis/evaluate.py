@@ -33,7 +33,7 @@ from resemul_core.data.store import SegmentStore, open_store
 from resemul_core.model.checkpoint import load_checkpoint
 from resemul_core.model.inference import clip_average, run_model
 from resemul_core.runtime import select_device
-from resemul_core.training.run_dir import read_metrics, resolve_checkpoint
+from resemul_core.training.run_dir import read_metrics, resolve_checkpoint, write_predictions
 
 __all__ = [
     "PAPER_RESULTS",
@@ -261,6 +261,7 @@ def evaluate_checkpoint(
     clips_per_batch: int = 16,
     num_workers: int = 0,
     progress: bool = True,
+    predictions_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Score a trained model on a split of a store.
 
@@ -269,6 +270,9 @@ def evaluate_checkpoint(
         store: a :class:`~resemul_core.data.store.SegmentStore` or its directory.
         split: which split to score.
         device: "auto", "cpu", "cuda", ...
+        predictions_dir: if given, the clip-level predictions are also written there
+            (:func:`~resemul_core.training.run_dir.write_predictions`), for the intervals of
+            :mod:`resemul_core.analysis.comparison`.
 
     Returns:
         A JSON-ready dict: ``checkpoint``, ``variant``, ``store``, ``store_fingerprint``,
@@ -293,7 +297,7 @@ def evaluate_checkpoint(
         raise ValueError(f"{path} was trained on other tags than those of store {store.path}")
     if payload.get("store_fingerprint") not in (None, store.fingerprint):
         logger.warning("%s was trained on a different store than %s", path, store.path)
-    scores, labels, _ = predict_clips(
+    scores, labels, clip_index = predict_clips(
         model,
         store,
         split=split,
@@ -303,6 +307,15 @@ def evaluate_checkpoint(
         progress=progress,
     )
     metrics = tag_metrics(labels, scores, store.tags)
+    if predictions_dir is not None:
+        write_predictions(
+            predictions_dir,
+            split,
+            scores=scores,
+            labels=labels,
+            clip_index=clip_index,
+            tags=store.tags,
+        )
     result = {
         "checkpoint": str(path),
         "variant": model.config.variant,

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from resemul_core.analysis import statistics
 from resemul_core.data import audio
 
 if TYPE_CHECKING:
@@ -349,6 +350,7 @@ def summarize_excitations(
     *,
     loudness: str = "rms",
     floor_db: float = DEFAULT_FLOOR_DB,
+    num_resamples: int = statistics.DEFAULT_RESAMPLES,
 ) -> dict[str, Any]:
     """The analysis' headline numbers next to the paper's, as a JSON-able dict.
 
@@ -357,18 +359,34 @@ def summarize_excitations(
             level has per-segment gates.
         loudness: ``"rms"`` or ``"db"`` (see :func:`segment_loudness`).
         floor_db: floor of the dB measure.
+        num_resamples: bootstrap resamples of the test clips for the intervals
+            (:func:`~resemul_core.analysis.statistics.std_profile_intervals`).
 
     Returns:
         ``{"variant", "split", "num_clips", "num_segments", "num_tags",
-        "std_across_tags": [{"level", "channels", "std", "paper"}, ...],
-        "loudness": :func:`loudness_summary` of the first level,
-        "paper": {"std_across_tags": {...}, "slope_counts": {...}}}``; NaN becomes ``None``.
+        "std_across_tags": [{"level", "channels", "std", "paper", "low", "high"}, ...],
+        "shape": {"middle_levels", "first_minus_middle", "last_minus_middle"} or None,
+        "gates": [{"level", "mean", "p05", "p95", "channel_min", "channel_max",
+        "mean_abs_from_half"}, ...], "loudness": {...}, "paper": {"std_across_tags": {...},
+        "slope_counts": {...}}}``; NaN becomes ``None``. ``low``/``high`` and ``shape`` are
+        the clip-bootstrap intervals of
+        :func:`~resemul_core.analysis.statistics.std_profile_intervals` (``shape`` is
+        ``None`` below three levels), ``gates`` is
+        :func:`~resemul_core.analysis.statistics.gate_spread` per level and ``loudness`` is
+        :func:`loudness_summary` of the first level.
         :func:`resemul_core.analysis.plots.excitation_figures` draws from this dict.
     """
     levels = excitations.levels
     table = std_per_level(excitations.clip, excitations.labels, levels=levels)
     first = excitations.segment_level(levels[0])
     loud = excitations.loudness(loudness, floor_db=floor_db)
+    shape = (
+        statistics.std_profile_intervals(
+            excitations.clip, excitations.labels, levels, num_resamples=num_resamples
+        )
+        if len(levels) >= 3
+        else None
+    )
     return {
         "variant": excitations.variant,
         "split": excitations.split,
@@ -380,8 +398,27 @@ def summarize_excitations(
                 "level": int(row["level"]),
                 "channels": int(row["channels"]),
                 **_floats(row[["std", "paper"]]),
+                **(
+                    {
+                        "low": shape["levels"][int(row["level"])].low,
+                        "high": shape["levels"][int(row["level"])].high,
+                    }
+                    if shape
+                    else {}
+                ),
             }
             for _, row in table.iterrows()
+        ],
+        "shape": None
+        if shape is None
+        else {
+            "middle_levels": shape["middle"],
+            "first_minus_middle": shape["first_minus_middle"].to_dict(),
+            "last_minus_middle": shape["last_minus_middle"].to_dict(),
+        },
+        "gates": [
+            {"level": int(lv), **statistics.gate_spread(x)}
+            for lv, x in zip(levels, excitations.clip, strict=True)
         ],
         "loudness": loudness_summary(
             first, loud, measure=loudness, level=levels[0], floor_db=floor_db

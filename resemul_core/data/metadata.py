@@ -37,7 +37,7 @@ class Source:
     """A dataset's clips before decoding.
 
     Attributes:
-        dataset: 'mtat', 'msd' or 'table'.
+        dataset: 'mtat', 'synth' (a synthetic dataset in MTAT's layout), 'msd' or 'table'.
         root: folder the clip paths are relative to.
         tags: tag names, the label columns in order.
         clips: one row per clip: ``clip_id`` (str), ``path`` (str, relative to ``root`` or

@@ -1,14 +1,19 @@
 """Dataset adapters: MagnaTagATune, the Million Song Dataset, or any table → a list of clips.
 
-Public: :func:`read_mtat`, :func:`read_msd`, :func:`read_table`, :func:`read_source`,
-:func:`select_top_tags`, :data:`SOURCES`, :data:`SPLIT_POLICIES`, :data:`MTAT_KNOWN_BROKEN`,
-:data:`MSD_PATH_PATTERNS`.
+Public: :func:`read_mtat`, :func:`read_synth`, :func:`read_msd`, :func:`read_table`,
+:func:`read_source`, :func:`select_top_tags`, :data:`SOURCES`, :data:`SPLIT_POLICIES`,
+:data:`MTAT_KNOWN_BROKEN`, :data:`MSD_PATH_PATTERNS`, :data:`SYNTH_MARKER`.
 
 An adapter reads only metadata (no audio) into a :class:`~resemul_core.data.metadata.Source`:
 which clips, where their audio is, their split and their 0/1 tag vector. Clips it leaves out
 are listed in its ``dropped`` with a reason, and end up in the store manifest. Decoding, the
 duration check and the store itself are the job of
 :func:`resemul_core.data.prepare.prepare_store`.
+
+The synthetic datasets (:mod:`resemul_core.data.synth`, :mod:`resemul_core.data.synth_release`)
+share MTAT's *layout* and are read by the MTAT reader, but they are not MTAT: a folder holding
+the generators' parameter file (:data:`SYNTH_MARKER`) is read as dataset ``synth``, and its
+store's manifest, ``resemul data info`` and the prepare summary say ``synth``.
 """
 
 from __future__ import annotations
@@ -40,14 +45,20 @@ __all__ = [
     "MTAT_KNOWN_BROKEN",
     "SOURCES",
     "SPLIT_POLICIES",
+    "SYNTH_MARKER",
     "read_msd",
     "read_mtat",
     "read_source",
+    "read_synth",
     "read_table",
     "select_top_tags",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The file the synthetic generators write next to their ``annotations_final.csv``
+#: (:data:`resemul_core.data.synth.PARAMS_FILE`): a folder holding it is dataset ``synth``.
+SYNTH_MARKER = "synth.json"
 
 #: ``paper``: Lee et al.'s split (specification §1.1/§1.2): also drop clips with less than 29.1 s of
 #: audio and MTAT's three known zero-byte files. ``resemul``: the official code's split.
@@ -171,8 +182,9 @@ def read_mtat(
     clips, labels = clips.loc[keep].reset_index(drop=True), labels[keep]
     clips, labels, missing = drop_missing_audio(clips, labels, audio_root, "MTAT mp3 folders")
     dropped += missing
+    dataset = "synth" if (root / SYNTH_MARKER).is_file() else "mtat"
     source = Source(
-        dataset="mtat",
+        dataset=dataset,
         root=audio_root,
         tags=tags,
         clips=clips,
@@ -195,7 +207,8 @@ def read_mtat(
                 split_policy,
             )
     logger.info(
-        "MTAT: %d tags, clips train/valid/test %s, %d dropped",
+        "%s: %d tags, clips train/valid/test %s, %d dropped",
+        "synthetic (MTAT layout)" if dataset == "synth" else "MTAT",
         len(tags),
         source.split_counts(),
         len(dropped),
@@ -459,11 +472,22 @@ def read_table(
     return source
 
 
+def read_synth(root: str | os.PathLike, **options: Any) -> Source:
+    """:func:`read_mtat` on a synthetic dataset (``resemul data synth``, with or without
+    ``--mtat``); a ``FileNotFoundError`` if ``root`` holds no :data:`SYNTH_MARKER`."""
+    if not (Path(root) / SYNTH_MARKER).is_file():
+        raise FileNotFoundError(
+            f"{root}: no {SYNTH_MARKER}, so not a synthetic dataset (resemul data synth writes one)"
+        )
+    return read_mtat(root, **options)
+
+
 #: Adapter per ``--dataset`` name.
 SOURCES: dict[str, Callable[..., Source]] = {
     "mtat": read_mtat,
     "msd": read_msd,
     "table": read_table,
+    "synth": read_synth,
 }
 
 

@@ -7,7 +7,9 @@ as MTAT lays them out (specification §1.1), so the real MTAT reader, split and 
 offline:
 16 kHz mono mp3 clips of 29.1 s, a tab-separated CSV with double-quoted values, a ``clip_id``
 column, one 0/1 column per tag and an ``mp3_path`` relative to ``mp3/``. All audio is made with
-numpy; the only encoder is libsndfile's MP3 writer.
+numpy; the only encoder is libsndfile's MP3 writer. It shares MTAT's layout, not its data: the
+reader recognises the folder by :data:`PARAMS_FILE` and names it dataset ``synth`` (store
+manifests, ``resemul data info``, prepare summaries).
 
 Generative model (each clip independently, from its own seed):
 
@@ -29,15 +31,20 @@ Generative model (each clip independently, from its own seed):
    96-126 (medium) or 148-176 (fast) BPM.
 3. A voice, if present, is female with chance .6 (melody in MIDI 64-77, formants x1.17), else
    male (MIDI 48-60).
-4. Level: the clip's RMS is set to ``L ~ U[-45, -13]`` dBFS (a 32 dB range); a soft limiter
-   keeps the peak below 0.9 (-0.9 dBFS) before encoding.
+4. Level, as in recorded music a property of the style: the clip's RMS is drawn uniformly
+   within ±8 dB of its arrangement's centre (chamber -37, pad -33, mixed -29, band -22, club
+   -21 dBFS; all within -45..-13 dBFS), so loudness correlates with most tags (mean level per
+   tag from -39 dBFS for ``quiet`` and -36 for ``classical`` to -22 for ``techno``). Within the
+   clip the level swells and fades from one two-bar phrase to the next, by up to 12 (chamber),
+   9 (pad), 6 (mixed), 4 (band) or 3 (club) dB peak to peak. A soft limiter keeps the peak
+   below 0.9 (-0.9 dBFS) before encoding.
 
 Tags are deterministic functions of what is audible (so every tag is learnable from the audio):
 
 * ``piano guitar strings flute bass synth drums``: that instrument plays;
 * ``vocal`` if the voice sings, else ``no vocals``; ``female`` / ``male``: the voice's register;
 * ``slow`` / ``fast``: the slow / fast tempo class (medium tempo has neither);
-* ``quiet`` if ``L <= -37`` dBFS (bottom quarter), ``loud`` if ``L >= -19`` dBFS (top 3/16);
+* ``quiet`` if the clip's RMS ``L <= -35`` dBFS, ``loud`` if ``L >= -21`` dBFS;
 * ``rock`` = guitar and drums without synth; ``techno`` = synth and drums without guitar, not
   slow; ``electronic`` = synth without piano, guitar, strings or flute; ``ambient`` = synth
   without drums, not fast; ``classical`` = piano, strings or flute without guitar, bass, synth or
@@ -45,19 +52,25 @@ Tags are deterministic functions of what is audible (so every tag is learnable f
 
 Resulting tag frequencies (expected, from 200,000 draws) are deliberately imbalanced, yet even
 the rarest tag has ~4.5 expected positives among the 32 validation clips of the default size:
-no vocals .65, drums .49, synth .43, bass .43, vocal .35, piano .33, guitar .31, fast .31,
-slow .30, strings .29, classical .26, quiet .25, flute .23, electronic .23, rock .22, female .21,
-techno .20, loud .19, ambient .18, male .14. Every clip has ``vocal`` or ``no vocals``, so none
+no vocals .65, drums .49, synth .43, bass .43, vocal .35, piano .33, guitar .31, fast .30,
+slow .30, strings .29, classical .26, flute .23, quiet .23, electronic .23, rock .22, female .21,
+techno .19, loud .19, ambient .18, male .14. Every clip has ``vocal`` or ``no vocals``, so none
 is tagless.
 
 The audio of each clip is rendered from its plan by :mod:`resemul_core.data.synth_audio`
 (which describes the music and the instruments) and encoded to mp3 here.
 
+Splits: MTAT's folders, but a test split as large as the training split (it costs generation
+and evaluation only, and narrows the intervals of test-set comparisons): a seeded permutation
+puts each clip into one of 25 slots, one per train folder (0-b) and for the valid folder (c),
+four per test folder (d-f) (``index -> slot(perm[index] % 25)``). The default 800 clips give
+32 per train folder and in c, 128 per test folder: 384 train / 32 valid / 384 test.
+
 No leakage: file names (``synthetic_artist_NNN-synthetic_album-NN-track-0-29.mp3``), clip ids
 and row order follow the clip index, whose tags are drawn independently of it; folders come
-from a seeded permutation (``index -> perm[index] % 16``), so each of the 16 folders holds
-``num_clips / 16`` clips (±1) whatever the tags: folders 0-b = train, c = valid, d-f = test;
-every clip has the same length. Same seed, same arguments: byte-identical CSV and mp3 files
+from the seeded permutation alone, so each train folder and the valid folder hold
+``num_clips / 25`` clips (±1) and each test folder four times that, whatever the tags; every
+clip has the same length. Same seed, same arguments: byte-identical CSV and mp3 files
 (libsndfile's MP3 encoder is deterministic), whatever ``workers`` is.
 
 At MagnaTagATune's full size (25,863 clips) rendering and encoding every clip takes over half
@@ -92,14 +105,21 @@ from resemul_core.files import atomic_write, write_json, write_text
 
 __all__ = ["DEFAULT_NUM_CLIPS", "SYNTH_TAGS", "PARAMS_FILE", "ensure_dataset", "generate_dataset"]
 
-#: Written next to the CSV: the parameters and summary of the run that made the folder.
+#: Written next to the CSV: the parameters and summary of the run that made the folder. Its
+#: presence marks a folder as synthetic (:data:`resemul_core.data.sources.SYNTH_MARKER`).
 PARAMS_FILE = "synth.json"
+
+#: Version of the generative model, saved with the parameters: a folder written by an earlier
+#: design is regenerated rather than reused. 2: loudness by arrangement, dynamics within clips,
+#: a test split as large as the training split.
+DESIGN = 2
 
 logger = logging.getLogger(__name__)
 
-#: Clips in the default dataset: 32 per folder, i.e. 384 train / 32 valid / 96 test. Sized so that
-#: two processes generate it in about a minute (the mp3 encoder takes most of the time).
-DEFAULT_NUM_CLIPS = 512
+#: Clips in the default dataset: 32 per train folder and in the valid one, 128 per test folder,
+#: i.e. 384 train / 32 valid / 384 test. Two processes generate it in about 70 s (the mp3
+#: encoder takes most of the time).
+DEFAULT_NUM_CLIPS = 800
 
 #: The tag vocabulary, in CSV column order; exact MTAT spellings, all but ``bass`` in MTAT's top 50.
 SYNTH_TAGS: tuple[str, ...] = (
@@ -135,11 +155,21 @@ _ARRANGEMENTS: dict[str, tuple[float, dict[str, float], tuple[float, float, floa
     ),
     "mixed": (0.22, dict.fromkeys(INSTRUMENTS, 0.35), (0.25, 0.5, 0.25)),
 }
+# arrangement -> (centre of the clip level, dBFS; depth of the level changes within a clip, dB):
+# as in recorded music, loudness follows the style, so it correlates with most tags.
+_LEVELS: dict[str, tuple[float, float]] = {
+    "chamber": (-37.0, 12.0),
+    "pad": (-33.0, 9.0),
+    "mixed": (-29.0, 6.0),
+    "band": (-22.0, 4.0),
+    "club": (-21.0, 3.0),
+}
+_LEVEL_SPREAD_DB = 8.0  # the clip level is uniform in centre +- this
 _TEMPO_BPM = {"slow": (60.0, 78.0), "medium": (96.0, 126.0), "fast": (148.0, 176.0)}
 _P_FEMALE = 0.6
-_LEVEL_DB = (-45.0, -13.0)  # RMS, dBFS
-_QUIET_DB = -37.0  # at or below: "quiet"
-_LOUD_DB = -19.0  # at or above: "loud"
+_LEVEL_DB = (-45.0, -13.0)  # bounds of the clip RMS, dBFS
+_QUIET_DB = -35.0  # at or below: "quiet"
+_LOUD_DB = -21.0  # at or above: "loud"
 
 
 @dataclass(frozen=True)
@@ -152,6 +182,7 @@ class _Spec:
     tempo: str  # "slow" | "medium" | "fast"
     bpm: float  # beats per minute
     level_db: float  # RMS level of the clip, dBFS
+    dynamics_db: float = 0.0  # depth of the level changes within the clip, dB
 
     @property
     def tags(self) -> tuple[str, ...]:
@@ -193,8 +224,10 @@ def _sample_spec(rng: np.random.Generator) -> _Spec:
     tempo = ("slow", "medium", "fast")[rng.choice(3, p=tempo_p)]
     bpm = float(rng.uniform(*_TEMPO_BPM[tempo]))
     female = bool(rng.random() < _P_FEMALE)
-    level_db = float(rng.uniform(*_LEVEL_DB))
-    return _Spec(arrangement, chosen, female, tempo, bpm, level_db)
+    centre, dynamics = _LEVELS[arrangement]
+    level_db = float(rng.uniform(centre - _LEVEL_SPREAD_DB, centre + _LEVEL_SPREAD_DB))
+    level_db = min(max(level_db, _LEVEL_DB[0]), _LEVEL_DB[1])
+    return _Spec(arrangement, chosen, female, tempo, bpm, level_db, dynamics)
 
 
 @dataclass(frozen=True)
@@ -208,10 +241,17 @@ class _Clip:
     audio_seed: np.random.SeedSequence
 
 
+#: The folder of each of the 25 slots a clip can fall into: one per train folder (0-b) and for
+#: the valid folder (c), four per test folder (d-f): the test split is as large as the training
+#: split (it costs generation and evaluation only), so that test-set intervals are narrow.
+_FOLDER_SLOTS: tuple[int, ...] = (*range(13), *(13 + i % 3 for i in range(12)))
+
+
 def _plan(num_clips: int, seed: int) -> list[_Clip]:
     """All clips' metadata without audio; clip k's content does not depend on ``num_clips``."""
     order_seed, *clip_seeds = np.random.SeedSequence(seed).spawn(num_clips + 1)
-    folders = np.random.default_rng(order_seed).permutation(num_clips) % 16
+    slots = np.random.default_rng(order_seed).permutation(num_clips) % len(_FOLDER_SLOTS)
+    folders = np.array(_FOLDER_SLOTS)[slots]
     clips = []
     for index, (clip_seed, folder) in enumerate(zip(clip_seeds, folders, strict=True)):
         spec_seed, audio_seed = clip_seed.spawn(2)
@@ -250,6 +290,7 @@ def _annotations(rows: Iterable[tuple[int, Iterable[str], str]]) -> str:
 def _params(num_clips: int, seed: int, sample_rate: int, duration: float) -> dict[str, Any]:
     """What a dataset's content depends on, saved next to it for :func:`ensure_dataset`."""
     return {
+        "design": DESIGN,
         "num_clips": num_clips,
         "seed": seed,
         "sample_rate": sample_rate,
@@ -337,7 +378,7 @@ def generate_dataset(
             Existing files of the same names are replaced; mp3s named like this generator's
             but not in this dataset (left by a larger earlier run) are removed. The CSV is
             written last, so its presence marks a complete dataset.
-        num_clips: number of clips; with 16 or more every folder, hence every split, is used.
+        num_clips: number of clips; with 25 or more every folder, hence every split, is used.
         seed: the same seed and arguments give byte-identical files.
         sample_rate: audio rate in Hz (MTAT: 16,000).
         duration: clip length in seconds (MTAT: 29.1); all clips have this length.

@@ -15,8 +15,10 @@ vibrato), flute (near-sine melody with breath noise and vibrato), bass (plucked 
 synth (detuned saw or square arpeggio), drums (pitched-sweep kick on every beat, noise snare on
 2 and 4, hi-hat on eighths) and voice (a glottal source through vowel formants, a new vowel per
 note, ±2.5 % vibrato). Each instrument is normalised to equal RMS and mixed with a gain from
-U[-5, 0] dB, the voice 3 dB above that, as a lead vocal. The mix is scaled to the planned RMS
-level; a soft limiter keeps the peak below 0.9 (-0.9 dBFS).
+U[-5, 0] dB, the voice 3 dB above that, as a lead vocal. Dynamics: the mix swells and fades
+from one two-bar phrase to the next, the level at each phrase's middle drawn uniformly within
+the plan's depth (``dynamics_db``, e.g. 12 dB: ±6 dB). The mix is then scaled to the planned
+RMS level; a soft limiter keeps the peak below 0.9 (-0.9 dBFS).
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ class ClipContent(Protocol):
 
     @property
     def level_db(self) -> float: ...  # RMS level of the clip, dBFS
+
+    @property
+    def dynamics_db(self) -> float: ...  # depth of the level changes within the clip, dB
 
 
 # --- sound sources ------------------------------------------------------------------------
@@ -382,6 +387,16 @@ def _part(name: str, spec: ClipContent, score: _Score, rng: np.random.Generator)
     raise ValueError(f"unknown instrument {name!r}")
 
 
+def _dynamics(score: _Score, rng: np.random.Generator, depth_db: float) -> np.ndarray:
+    """The clip's gain curve: a level uniform in +-``depth_db / 2`` dB at the middle of every
+    two-bar phrase, swelling and fading linearly from one phrase to the next."""
+    phrase = 8 * score.beat
+    centres = np.arange(-0.5 * phrase, score.n / score.sr + phrase, phrase)
+    levels_db = rng.uniform(-0.5 * depth_db, 0.5 * depth_db, centres.size)
+    curve_db = np.interp(np.arange(score.n) / score.sr, centres, levels_db)
+    return 10.0 ** (curve_db / 20.0)
+
+
 def render_clip(spec: ClipContent, seed: np.random.SeedSequence, sr: int, n: int) -> np.ndarray:
     """The clip's audio: ``(n,)`` float32 at ``sr`` Hz with RMS ``spec.level_db`` dBFS.
 
@@ -405,6 +420,7 @@ def render_clip(spec: ClipContent, seed: np.random.SeedSequence, sr: int, n: int
             gain_db = rng.uniform(*_MIX_GAIN_DB) + (_LEAD_VOCAL_DB if name == "voice" else 0.0)
             gain = 10.0 ** (gain_db / 20.0)
             mix += gain * part / (rms(part) + 1e-12)
+    mix *= _dynamics(score, rng, spec.dynamics_db)
     _fade(mix, sr, attack=0.005, release=0.005)  # no click where the last notes are cut
     mix *= 10.0 ** (spec.level_db / 20.0) / (rms(mix) + 1e-12)
     over = np.abs(mix) > _LIMIT_KNEE

@@ -15,11 +15,12 @@ mp3 with every granule's ``global_gain`` field lowered by ``k`` steps, ``k`` uni
 the mp3 format's own gain (:func:`shift_mp3_gain`; each step scales the decoded audio by
 exactly ``2**(-1/4)``, i.e. :data:`GAIN_STEP_DB` = 1.505 dB), so the variant decodes to the
 bank clip times ``2**(-k/4)`` without re-encoding (about 1 ms per clip). Levels thus cover
--13 to -44.6 dBFS in 22 steps (the synthetic range of -13 to -45 dBFS); ``loud`` (>= -19
-dBFS) and ``quiet`` (<= -37 dBFS) follow the variant's level, every other tag its bank clip's
-content (the rules of :mod:`resemul_core.data.synth`). Variants of one bank clip stay in one split,
-so no music is shared between train, valid and test; within a split, ``num_clips /
-bank_size`` clips (about 25 by default) share their music and differ in level only.
+-13 to -44.6 dBFS in 22 steps (the synthetic range of -13 to -45 dBFS, here uniform rather
+than by style); ``loud`` (>= -21 dBFS) and ``quiet`` (<= -35 dBFS) follow the variant's level,
+every other tag its bank clip's content (the rules of :mod:`resemul_core.data.synth`).
+Variants of one bank clip stay in one split, so no music is shared between train, valid and
+test; within a split, ``num_clips / bank_size`` clips (about 25 by default) share their music
+and differ in level only.
 
 MTAT's format and counts. 16 kHz mono mp3 at a constant 32 kbit/s, like MTAT's files (116,784
 bytes per 29.1-s clip; without a gapless-playback header, so decoders return the encoder's
@@ -312,6 +313,7 @@ def _params(
     """What a release's content depends on, saved next to it for :func:`ensure_release`."""
     return {
         "kind": "mtat-release",
+        "design": synth.DESIGN,
         "num_clips": num_clips,
         "bank_size": bank_size,
         "seed": seed,

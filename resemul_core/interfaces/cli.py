@@ -177,6 +177,18 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
 
+    p = sub.add_parser(
+        "compare",
+        help="evaluate every run of a runs folder and compare them the paper's way, with intervals",
+    )
+    p.add_argument("runs", help="folder of run directories (or of seed<N> folders of them)")
+    p.add_argument("--data", required=True, help="segment store directory")
+    p.add_argument("--variants", default="", help="subset, e.g. 'se se-multi' (default: all)")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of clips")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_compare)
+
     p = sub.add_parser("tag", help="tag audio files with a trained model")
     p.add_argument("files", nargs="+", metavar="FILE", help="mp3, wav, flac or ogg files")
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
@@ -270,6 +282,34 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         rows = [{"tag": tag, **values} for tag, values in result["per_tag"].items()]
         print()
         print_table(rows, ["tag", "positives", "roc_auc", "pr_auc"])
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from resemul_core.analysis.comparison import difference_display, score_display
+    from resemul_core.interfaces.pipeline import compare_runs
+
+    comparison = compare_runs(
+        args.runs,
+        args.data,
+        variants=args.variants,
+        device=args.device,
+        num_resamples=args.resamples,
+        progress=not args.no_progress,
+    )
+    seeds = [s for s in comparison.seeds if s] or ["one seed"]
+    print(
+        f"{len(comparison.scores)} variants, {', '.join(seeds)}, {len(comparison.labels):,} clips"
+    )
+    with pd.option_context("display.width", 200, "display.max_colwidth", None):
+        for title, table in (
+            ("Scores, 95 % intervals over test clips", score_display(comparison.scores_table)),
+            ("The paper's differences, paired", difference_display(comparison.differences)),
+            ("The paper's claims", comparison.claims.set_index("claim")),
+        ):
+            print(f"\n{title}\n{table.to_string()}")
     return 0
 
 

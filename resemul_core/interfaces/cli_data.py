@@ -88,7 +88,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--fractions", default="0.8,0.1,0.1", help="random split train,valid,test")
     g = p.add_argument_group("synth and table")
     g.add_argument("--seed", type=int, default=0, help="synthetic data or random split seed (0)")
-    g.add_argument("--clips", type=int, help="synth: number of clips (512)")
+    g.add_argument("--clips", type=int, help="synth: number of clips (800)")
     p.set_defaults(func=_cmd_data_prepare)
 
     p = actions.add_parser("info", help="summarise a segment store")
@@ -98,7 +98,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p = actions.add_parser("synth", help="write a synthetic MTAT-format dataset")
     p.add_argument("--out", required=True, help="dataset folder (e.g. data/synth)")
     p.add_argument(
-        "--clips", type=int, help="number of clips (default: the book's 512; 25,863 with --mtat)"
+        "--clips", type=int, help="number of clips (default: the book's 800; 25,863 with --mtat)"
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--force", action="store_true", help="regenerate even if already complete")

@@ -1,7 +1,8 @@
 """The paper's pipeline as four calls: prepare, fit, evaluate, analyse the excitations.
 
 Public: :func:`prepare`, :func:`fit`, :class:`Fit`, :func:`evaluate`, :func:`evaluate_all`,
-:func:`analyse_excitations`, :class:`ExcitationAnalysis`.
+:func:`compare_runs`, :class:`RunComparison`, :func:`analyse_excitations`,
+:class:`ExcitationAnalysis`.
 
 This is the one front door: the command line (``resemul data prepare``, ``resemul train``,
 ``resemul evaluate``, ``resemul excitations``) parses its arguments and calls these functions,
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import pandas as pd
 from matplotlib.figure import Figure
 
 from resemul_core.config import RunConfig, get_variant
@@ -41,7 +43,9 @@ __all__ = [
     "DATASETS",
     "ExcitationAnalysis",
     "Fit",
+    "RunComparison",
     "analyse_excitations",
+    "compare_runs",
     "evaluate",
     "evaluate_all",
     "fit",
@@ -87,7 +91,7 @@ def prepare(
         split_policy: ``mtat``/``msd`` only: ``"paper"`` (default) or ``"resemul"``
             (:mod:`resemul_core.data.sources`).
         seed: the synthetic dataset's seed (``synth``), or the random split's (``table``).
-        synth_clips: clips of the synthetic dataset (default: the book's 512).
+        synth_clips: clips of the synthetic dataset (default: the book's, ``DEFAULT_NUM_CLIPS``).
         workers: decoding processes (default: one per CPU core).
         overwrite: replace what ``out`` holds.
         audio: :func:`~resemul_core.data.prepare.prepare_store`'s audio settings
@@ -235,8 +239,9 @@ def evaluate(
         source: a run directory (its ``best.pt``) or a checkpoint file.
         store: the segment store or its directory.
         split: ``"test"`` (the paper's numbers), ``"valid"`` or ``"train"``.
-        out: the folder for ``metrics.json`` (``metrics_<split>.json`` for other splits);
-            default: the run directory, or the checkpoint's folder.
+        out: the folder for ``metrics.json`` and ``predictions.npz`` (``metrics_<split>.json``
+            and ``predictions_<split>.npz`` for other splits); default: the run directory, or
+            the checkpoint's folder.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
 
     Returns:
@@ -245,6 +250,7 @@ def evaluate(
     """
     from resemul_core.analysis.evaluate import evaluate_checkpoint
 
+    folder = Path(out) if out is not None else resolve_checkpoint(source).parent
     result = evaluate_checkpoint(
         source,
         _store(store),
@@ -253,8 +259,8 @@ def evaluate(
         clips_per_batch=clips_per_batch,
         num_workers=num_workers,
         progress=progress,
+        predictions_dir=folder,
     )
-    folder = Path(out) if out is not None else resolve_checkpoint(source).parent
     path = write_metrics(result, folder)
     return {**result, "metrics_path": str(path)}
 
@@ -287,6 +293,96 @@ def evaluate_all(
 
 
 @dataclass(frozen=True)
+class RunComparison:
+    """What :func:`compare_runs` returns: the paper's table and comparisons with intervals.
+
+    Attributes:
+        results: ``{seed_name: {variant: evaluate()'s result}}``; one seed named ``""`` when
+            the runs folder holds no ``seed<N>`` folders.
+        tags: the tag names; labels: ``(K, T)`` test labels; scores: ``{variant: (S, K, T)}``.
+        scores_table: :func:`~resemul_core.analysis.comparison.score_table`.
+        differences: :func:`~resemul_core.analysis.comparison.difference_table` (ROC-AUC).
+        times: :func:`~resemul_core.training.run_dir.training_times` of every run, with a
+            ``seed`` column.
+        claims: :func:`~resemul_core.analysis.claims.evaluation_claims`.
+    """
+
+    results: dict[str, dict[str, dict[str, Any]]]
+    tags: list[str]
+    labels: Any
+    scores: dict[str, Any]
+    scores_table: Any
+    differences: Any
+    times: Any
+    claims: Any
+
+    @property
+    def seeds(self) -> list[str]:
+        """The seed folders compared (``[""]`` for a single set of runs)."""
+        return list(self.results)
+
+
+def compare_runs(
+    runs: str | os.PathLike,
+    store: StoreLike,
+    *,
+    variants: Iterable[str] | str | None = None,
+    split: str = "test",
+    device: str = "auto",
+    num_resamples: int = 2000,
+    progress: bool = True,
+) -> RunComparison:
+    """Evaluate every run under ``runs`` (every seed) and compare them the paper's way.
+
+    Each run is scored by :func:`evaluate` (writing its ``metrics.json`` and
+    ``predictions.npz``); the predictions are then resampled for intervals
+    (:mod:`resemul_core.analysis.comparison`) and the paper's claims are given verdicts
+    (:mod:`resemul_core.analysis.claims`).
+
+    Args:
+        runs: a folder with one run per variant, or ``seed<N>`` folders of such runs
+            (``make book SEEDS="0 1 2"``).
+        variants: which variants (default: every one trained for every seed).
+        num_resamples: bootstrap resamples of the test clips.
+    """
+    from resemul_core.analysis.comparison import compare_variants, stack_predictions
+    from resemul_core.training.run_dir import (
+        find_runs_by_seed,
+        read_predictions,
+        time_ratio,
+        training_times,
+    )
+
+    store = _store(store)
+    groups = find_runs_by_seed(runs, variants)
+    results = {
+        seed: {
+            variant: evaluate(run_dir, store, split=split, device=device, progress=progress)
+            for variant, run_dir in group.items()
+        }
+        for seed, group in groups.items()
+    }
+    labels, tags, scores = stack_predictions(
+        {
+            seed: {v: read_predictions(run_dir, split) for v, run_dir in group.items()}
+            for seed, group in groups.items()
+        }
+    )
+    times = pd.concat(
+        [training_times(group).assign(seed=seed) for seed, group in groups.items()],
+        ignore_index=True,
+    )
+    try:
+        ratio = time_ratio(times)
+    except ValueError:  # no SE or no ReSE-2 run
+        ratio = None
+    tables = compare_variants(labels, scores, time_ratio=ratio, num_resamples=num_resamples)
+    return RunComparison(
+        results=results, tags=tags, labels=labels, scores=scores, times=times, **tables
+    )
+
+
+@dataclass(frozen=True)
 class ExcitationAnalysis:
     """What :func:`analyse_excitations` returns and wrote.
 
@@ -315,6 +411,7 @@ def analyse_excitations(
     segment_levels: str = "first",
     batch_size: int = 64,
     tags: Iterable[str] | None = None,
+    num_resamples: int = 2000,
     progress: bool = True,
 ) -> ExcitationAnalysis:
     """The paper's excitation analysis (specification §5) of a trained SE-bearing model.
@@ -333,6 +430,7 @@ def analyse_excitations(
         segment_levels: SE levels whose per-segment gates are kept: ``"first"`` or ``"all"``.
         batch_size: segments per forward pass.
         tags: tags for the per-level figure (default: chosen from the data).
+        num_resamples: bootstrap resamples of the clips for the intervals of the summary.
 
     Raises:
         ValueError: the model has no SE blocks (the message names the variants that do).
@@ -362,7 +460,7 @@ def analyse_excitations(
         progress=progress,
     )
     save_excitations(folder / "excitations.npz", excitations)
-    summary = summarize_excitations(excitations, loudness=loudness)
+    summary = summarize_excitations(excitations, loudness=loudness, num_resamples=num_resamples)
     summary["checkpoint"] = str(checkpoint)
     summary["store"] = str(store.path)
     write_json(folder / "summary.json", summary)

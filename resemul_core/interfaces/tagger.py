@@ -2,12 +2,17 @@
 
 Public: :class:`Tagger`.
 
-New audio goes through exactly the path the training data went through
+New audio is decoded and cut the way the store's audio was prepared
 (:func:`~resemul_core.data.audio.load_audio` then
 :func:`~resemul_core.data.audio.segment_waveform`), with the sample rate, segment length and
-segments per clip recorded in the checkpoint, and the clip-level prediction is the mean of the
-segments' sigmoid outputs (the test protocol, specification §3): the forward loop and the clip
-average are :mod:`resemul_core.model.inference`'s.
+segments per clip recorded in the checkpoint, with one difference: the segments stay float32,
+whereas the store keeps its segments as 16-bit integers (a rounding of at most half a step of
+1/32,768). The clip-level prediction is the mean of the segments' sigmoid outputs (the test
+protocol, specification §3): the forward loop and the clip average are
+:mod:`resemul_core.model.inference`'s.
+
+Public: :class:`TagTable` too, the DataFrame :func:`tag_store_clips` returns, which displays
+its tag lists in full.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from resemul_core.model.sample_cnn import SampleCNN
 from resemul_core.runtime import select_device
 from resemul_core.training.run_dir import load_model
 
-__all__ = ["Tagger", "tag_store_clips"]
+__all__ = ["TagTable", "Tagger", "tag_store_clips"]
 
 logger = logging.getLogger(__name__)
 
@@ -179,16 +184,42 @@ class Tagger:
         return [(self.tags[k], float(probs[k])) for k in order]
 
 
+# pandas display options under which no cell and no column is left out
+_IN_FULL = ("display.max_colwidth", None, "display.max_columns", None, "display.width", 0)
+
+
+class TagTable(pd.DataFrame):
+    """A DataFrame that displays every cell in full: no column is cut short with "...".
+
+    pandas shortens text cells to ``display.max_colwidth`` (50 characters) when it shows a
+    frame; a list of five tags with their probabilities is longer. This frame shows them whole
+    (in HTML the cells wrap at the page width); everything else is a plain DataFrame.
+    """
+
+    @property
+    def _constructor(self):
+        return TagTable
+
+    def _repr_html_(self) -> str | None:
+        with pd.option_context(*_IN_FULL):
+            return super()._repr_html_()
+
+    def __repr__(self) -> str:
+        with pd.option_context(*_IN_FULL):
+            return super().__repr__()
+
+
 def tag_store_clips(
     tagger: Tagger, store: SegmentStore, indices: Sequence[int], *, top_k: int = 5
-) -> pd.DataFrame:
+) -> TagTable:
     """Tag the original audio files of some clips of a store, beside their true tags.
 
     The files are decoded again (the path any user's audio takes), not read from the store.
 
     Returns:
-        Columns ``clip_id``, ``file``, ``predicted`` ("tag (probability)", most probable
-        first) and ``true`` (the clip's labelled tags).
+        A :class:`TagTable` (a DataFrame that shows its cells in full) with columns
+        ``clip_id``, ``file``, ``predicted`` (the ``top_k`` tags as "tag (probability)", most
+        probable first) and ``true`` (the clip's labelled tags).
     """
     rows = []
     for i in indices:
@@ -204,4 +235,4 @@ def tag_store_clips(
                 ),
             }
         )
-    return pd.DataFrame(rows)
+    return TagTable(rows, columns=["clip_id", "file", "predicted", "true"])

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from resemul_core.config import INITS, VARIANTS, ModelConfig, model_config
-from resemul_core.model.blocks import BasicBlock, Head, ResidualBlock, Stem
+from resemul_core.model.blocks import BasicBlock, Head, ResidualBlock, Stem, time_max
 
 __all__ = [
     "SampleCNN",
@@ -58,7 +58,17 @@ class SampleCNN(nn.Module):
     Methods: :meth:`forward` (logits), :meth:`forward_features` (pooled features ``(B, F)``),
     :meth:`forward_head` (features to logits), :meth:`forward_with_gates` (logits and SE
     gates), :meth:`block_outputs` (every stage's map). ``forward`` always returns a tensor.
+
+    On the CPU the feature maps are held as ``(B, C, 1, T)`` channels-last (memory order
+    ``(B, T, C)``) between the stem and the head: the same computation and parameters, with
+    oneDNN's fast kernels for narrow convolutions (module docstring of
+    :mod:`resemul_core.model.blocks`). Elsewhere (CUDA) they are ``(B, C, T)``, as they are
+    on the CPU with ``channels_last_on_cpu = False`` (the plain reference computation, for
+    tests and benchmarks).
     """
+
+    #: Whether CPU passes hold the maps channels-last; not a parameter, not in the state_dict.
+    channels_last_on_cpu: bool = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -148,7 +158,9 @@ class SampleCNN(nn.Module):
 
     def _features(self, waveform: torch.Tensor, gates: list[torch.Tensor] | None) -> torch.Tensor:
         """Pooled features ``(B, F)``; the SE gates are appended to ``gates`` if given."""
-        h = self.stem(self._as_batch(waveform))  # B, 128, L/3
+        h = self.stem(
+            self._layout(self._as_batch(waveform))
+        )  # B, 128, L/3 (or B, 128, 1, L/3 channels-last)
         pooled: list[torch.Tensor] = []
         first_pooled = len(self.blocks) - (3 if self.config.multi else 1)
         for i, block in enumerate(self.blocks):
@@ -156,15 +168,23 @@ class SampleCNN(nn.Module):
             if gate is not None and gates is not None:
                 gates.append(gate)
             if i >= first_pooled:
-                pooled.append(h.amax(dim=-1))  # B, C_i
+                pooled.append(time_max(h))  # B, C_i
         return torch.cat(pooled, dim=1)  # B, F
 
     def block_outputs(self, waveform: torch.Tensor) -> list[torch.Tensor]:
         """The stem's and every block's output, ``[(B, C, L/3), (B, C_1, L/9), ...]``."""
-        outputs = [self.stem(self._as_batch(waveform))]
+        outputs = [self.stem(self._layout(self._as_batch(waveform)))]
         for block in self.blocks:
             outputs.append(block(outputs[-1])[0])
-        return outputs
+        # the forward pass's own maps (bit-identical to what the head pools), as (B, C, T) views
+        return [o.squeeze(2) if o.dim() == 4 else o for o in outputs]
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, L)`` as the stem's input: ``(B, 1, 1, L)`` on the CPU, where the maps are
+        then channels-last (class docstring), else unchanged."""
+        if x.device.type == "cpu" and self.channels_last_on_cpu:
+            return x.unsqueeze(1)  # B, 1, 1, L
+        return x
 
     def _as_batch(self, waveform: torch.Tensor) -> torch.Tensor:
         length = self.config.segment_length

@@ -1,6 +1,6 @@
 """The training loop of the paper's recipe: epochs of steps, validation, stages, checkpoints.
 
-Public: :func:`train`, :func:`train_step`, :func:`validation_loss`.
+Public: :func:`train`, :func:`train_step`, :func:`validation_loss`, :func:`log_progress`.
 
 :func:`train` reads as one loop (``_fit``); the recipe's pure functions are in
 :mod:`resemul_core.training.schedule` (specification §3), the run's bookkeeping (progress,
@@ -22,13 +22,22 @@ steps: a steady-state step makes no host synchronisation. ``data_on_device`` kee
 training split on the GPU; ``compile`` compiles the forward and backward passes, on a single GPU
 as CUDA graphs (:func:`~resemul_core.runtime.compile_model`), which removes the per-kernel launch
 cost that limits small-batch training on a fast GPU.
+
+Progress is reported twice over: tqdm bars (``progress=True``, for a terminal) and log lines of
+the ``resemul_core.training`` loggers at INFO: one at least every :data:`PROGRESS_EVERY_S`
+seconds within an epoch (step, running loss, learning rate, speed), one per epoch (losses) and
+one per stage. The command line shows them; :func:`log_progress` shows them in a notebook,
+where a tqdm bar would store every redraw in the executed notebook.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -75,7 +84,7 @@ from resemul_core.training.state import (
     saved_run_config,
 )
 
-__all__ = ["train", "train_step", "validation_loss"]
+__all__ = ["PROGRESS_EVERY_S", "log_progress", "train", "train_step", "validation_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +92,33 @@ logger = logging.getLogger(__name__)
 # How often (in steps) the loss is copied off the accelerator to be checked for NaN/inf: every
 # step would synchronise the GPU every step.
 _LOSS_CHECK_EVERY = 50
+
+#: Seconds between two progress lines within an epoch (logged when the losses are read back,
+#: so a line costs no extra host synchronisation).
+PROGRESS_EVERY_S = 120.0
+
+
+@contextlib.contextmanager
+def log_progress(stream=None, *, level: int = logging.INFO) -> Iterator[logging.Handler]:
+    """Print the training loggers' progress lines to ``stream`` (default: stdout) meanwhile.
+
+    For notebooks: ``with log_progress(): fit(...)`` shows a line per stage, per epoch and at
+    least every :data:`PROGRESS_EVERY_S` seconds within an epoch, few enough to keep in an
+    executed notebook. The handler and the logger's level are restored afterwards.
+    """
+    target = logging.getLogger("resemul_core.training")
+    handler = logging.StreamHandler(stream if stream is not None else sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    handler.setLevel(level)
+    before = target.level
+    target.addHandler(handler)
+    if target.getEffectiveLevel() > level:
+        target.setLevel(level)
+    try:
+        yield handler
+    finally:
+        target.removeHandler(handler)
+        target.setLevel(before)
 
 
 def train(
@@ -215,6 +251,7 @@ def _fit(
         model.train()
         pending: list[torch.Tensor] = []  # losses still on the device
         started = time.perf_counter()
+        reported, reported_step = started, state.step
         for waveform, labels in device_batches(
             train_set, rows, device=device, num_workers=runtime.num_workers, resident=resident
         ):
@@ -239,6 +276,19 @@ def _fit(
             if len(pending) >= _LOSS_CHECK_EVERY or checkpoint_now or stop_now:
                 run.record_losses(pending)
                 bar.set_postfix(loss=f"{state.loss_sum / state.step:.4f}", lr=f"{lr:.2e}")
+                now = time.perf_counter()
+                if ranks.is_main and now - reported >= PROGRESS_EVERY_S:
+                    logger.info(
+                        "stage %d epoch %d: step %d/%d, train loss %.4f, lr %.2e, %.1f steps/s",
+                        state.stage.stage,
+                        state.epoch,
+                        state.step,
+                        num_steps,
+                        state.loss_sum / state.step,
+                        lr,
+                        (state.step - reported_step) / (now - reported),
+                    )
+                    reported, reported_step = now, state.step
             if checkpoint_now or stop_now:
                 state.train_seconds += time.perf_counter() - started
                 started = time.perf_counter()

@@ -14,6 +14,11 @@ A run directory holds::
     log.csv       one row per epoch: losses, learning rate, stage, time, throughput
     metrics.json  clip-level scores of ``best.pt`` on the test split (``metrics_<split>.json``
                   for the others), written by the evaluation
+    predictions.npz  the clip-level probabilities and labels behind ``metrics.json``
+                  (``predictions_<split>.npz``), from which the book's intervals are resampled
+
+Several seeds of the same runs (``make book SEEDS="0 1 2"``) sit side by side as
+``RUNS/seed0/<variant>``, ``RUNS/seed1/<variant>``, ... (:func:`find_runs_by_seed`).
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -49,6 +56,10 @@ __all__ = [
     "read_log",
     "run_summary",
     "find_runs",
+    "find_runs_by_seed",
+    "predictions_filename",
+    "read_predictions",
+    "write_predictions",
     "training_times",
     "time_ratio",
 ]
@@ -164,6 +175,40 @@ def find_runs(
     return {v: runs_dir / v for v in VARIANTS if v in set(variants)}
 
 
+def find_runs_by_seed(
+    runs_dir: str | os.PathLike, variants: Iterable[str] | str | None = None
+) -> dict[str, dict[str, Path]]:
+    """The runs under ``runs_dir`` grouped by training seed.
+
+    Returns:
+        One ``{variant: run_dir}`` dict per seed folder, keyed ``seed0``, ``seed1``, ... in
+        numeric order, when ``runs_dir`` holds
+        ``seed<N>`` folders, each as :func:`find_runs` reads it; otherwise one group named
+        ``""``: ``{"": find_runs(runs_dir, variants)}``.
+
+    Raises:
+        FileNotFoundError: a requested variant has no run in some seed's folder, or no seed
+            folder holds any run.
+    """
+    runs_dir = Path(runs_dir)
+    seeds = sorted(
+        (p for p in runs_dir.glob("seed*") if p.is_dir() and re.fullmatch(r"seed\d+", p.name)),
+        key=lambda p: int(p.name[4:]),
+    )
+    if not seeds:
+        return {"": find_runs(runs_dir, variants)}
+    groups = {p.name: find_runs(p, variants) for p in seeds}
+    if not variants:  # every seed must hold the same variants, or the comparison is unpaired
+        common = set.intersection(*(set(g) for g in groups.values()))
+        uneven = sorted({v for g in groups.values() for v in g} - common)
+        if uneven:
+            logger.warning("left out, not trained for every seed: %s", ", ".join(uneven))
+        groups = {name: {v: p for v, p in g.items() if v in common} for name, g in groups.items()}
+    if not any(groups.values()):
+        raise FileNotFoundError(f"no finished run in the seed folders of {runs_dir}")
+    return groups
+
+
 def training_times(runs: Mapping[str, str | os.PathLike]) -> pd.DataFrame:
     """One row per run: variant, epochs, steps, seconds, seconds per step, segments/s."""
     rows = []
@@ -200,6 +245,61 @@ def time_ratio(times: pd.DataFrame, *, numerator: str = "rese2", denominator: st
 def metrics_filename(split: str) -> str:
     """``metrics.json`` for the test split, ``metrics_<split>.json`` for the others."""
     return "metrics.json" if split == "test" else f"metrics_{split}.json"
+
+
+def predictions_filename(split: str) -> str:
+    """``predictions.npz`` for the test split, ``predictions_<split>.npz`` for the others."""
+    return "predictions.npz" if split == "test" else f"predictions_{split}.npz"
+
+
+def write_predictions(
+    out_dir: str | os.PathLike,
+    split: str,
+    *,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    clip_index: np.ndarray,
+    tags: Iterable[str],
+) -> Path:
+    """Atomically write the clip-level predictions an evaluation scored.
+
+    Args:
+        scores: ``(K, T)`` probabilities; labels: ``(K, T)`` 0/1; clip_index: ``(K,)`` store
+            indices of the clips; tags: the ``T`` names.
+    """
+    scores, labels = np.asarray(scores, dtype=np.float32), np.asarray(labels, dtype=np.uint8)
+    clip_index, tags = np.asarray(clip_index, dtype=np.int64), np.asarray(list(tags), dtype=str)
+    if scores.shape != labels.shape or scores.shape != (len(clip_index), len(tags)):
+        raise ValueError(
+            f"predictions of shape {scores.shape}, labels {labels.shape}, {len(clip_index)} "
+            f"clips and {len(tags)} tags do not fit together"
+        )
+    path = Path(out_dir) / predictions_filename(split)
+    with atomic_write(path) as handle:
+        np.savez(handle, scores=scores, labels=labels, clip_index=clip_index, tags=tags)
+    return path
+
+
+def read_predictions(source: str | os.PathLike, split: str = "test") -> dict[str, np.ndarray]:
+    """What :func:`write_predictions` wrote, from the file or its run directory.
+
+    Returns:
+        ``{"scores", "labels", "clip_index", "tags"}`` arrays.
+
+    Raises:
+        FileNotFoundError: no predictions file (evaluate the run first).
+        ValueError: the file is damaged.
+    """
+    path = Path(source)
+    if path.is_dir():
+        path = path / predictions_filename(split)
+    if not path.is_file():
+        raise FileNotFoundError(f"no predictions file {path}; run 'resemul evaluate' first")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in ("scores", "labels", "clip_index", "tags")}
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path} is not a readable predictions file: {err}") from err
 
 
 def load_model(

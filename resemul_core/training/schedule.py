@@ -107,7 +107,14 @@ def decayed_learning_rate(stage_lr: float, step: int, *, decay: float) -> float:
 
 
 def steps_per_epoch(num_segments: int, config: TrainConfig) -> int:
-    """``ceil(num_segments / batch_size)`` (6,631 for MTAT), capped by ``max_steps_per_epoch``."""
+    """``ceil(num_segments / batch_size)``, capped by ``max_steps_per_epoch``.
+
+    On MTAT (10 segments per clip, batches of 23) this gives 6,628 steps under the ``paper``
+    split policy (15,244 training clips: 152,440 segments) and 6,630 under ``resemul``
+    (15,250 listed clips, of which the three zero-byte files fail to decode: 15,247 clips,
+    152,470 segments). The official code's 6,631 (``ceil(152,500 / 23)``) comes from its
+    hard-coded 15,250 training clips, which no store holds.
+    """
     if num_segments <= 0:
         raise ValueError("the training split holds no segments")
     steps = math.ceil(num_segments / config.batch_size)
@@ -160,11 +167,29 @@ def build_optimizer(model: nn.Module, config: TrainConfig, *, stage: int) -> tor
         PyTorch's Nesterov update equals Keras' for a constant learning rate; with the 1e-6
         time decay the learning rate changes by < 1 % per 10,000 steps, so the forms agree
         to that order.
+
+    Note:
+        ``config.weight_decay`` is the official code's L2 kernel regulariser (specification
+        §2.3): Keras adds ``wd * sum(w**2)`` of every *convolution kernel* to the loss, whose
+        gradient is ``2 * wd * w``; biases, BatchNorm, SE and dense layers are not
+        regularised. PyTorch's ``weight_decay=c`` adds ``c * w`` to the gradient, so the
+        convolution kernels get ``c = 2 * wd`` in a group of their own and every other
+        parameter ``c = 0``. With the default 0 there is one group, as there always was.
     """
+    options = {
+        "lr": stage_learning_rate(config, stage),
+        "momentum": config.momentum,
+        "nesterov": config.nesterov,
+    }
+    if config.weight_decay == 0:
+        return torch.optim.SGD(model.parameters(), **options)
+    kernels = [m.weight for m in model.modules() if isinstance(m, nn.Conv1d)]
+    chosen = {id(p) for p in kernels}
+    others = [p for p in model.parameters() if id(p) not in chosen]
     return torch.optim.SGD(
-        model.parameters(),
-        lr=stage_learning_rate(config, stage),
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
+        [
+            {"params": kernels, "weight_decay": 2 * config.weight_decay},
+            {"params": others, "weight_decay": 0.0},
+        ],
+        **options,
     )
