@@ -30,12 +30,12 @@ from matplotlib.figure import Figure
 from resemul_core.analysis.figure_common import PAGE_WIDTH, finish, new_figure
 from resemul_core.data.store import SegmentStore
 
-with warnings.catch_warnings():
-    # librosa's import pulls in tqdm.auto, which warns in a kernel without ipywidgets; the
-    # warning would land in the executed notebook
-    warnings.filterwarnings("ignore", message="IProgress not found")
-    import librosa
-    import librosa.display
+# librosa loads its submodules lazily, and one of them imports tqdm.auto, which warns in a
+# kernel without ipywidgets the first time a librosa function runs; the warning would land in
+# the executed notebook, so this one message is ignored for the process, not just the import
+warnings.filterwarnings("ignore", message="IProgress not found")
+import librosa  # noqa: E402
+import librosa.display  # noqa: E402
 
 __all__ = [
     "DEFAULT_LISTENING_TAGS",
