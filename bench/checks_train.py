@@ -70,7 +70,7 @@ def test_suite(ctx: Context) -> tuple[str, dict]:
 
 def resume_across_devices(ctx: Context) -> tuple[str, dict]:
     """Check 2: device -> CPU -> device resumes of one run; a last.pt with 3 CUDA RNG states."""
-    from resemul_core.model.checkpoint import read_checkpoint
+    from resemul_core.model.checkpoint import read_checkpoint, save_payload
     from resemul_core.profiles import apply_overrides, resolve_config
 
     train_mod = _train_module()
@@ -125,7 +125,7 @@ def resume_across_devices(ctx: Context) -> tuple[str, dict]:
     shutil.copytree(reference, injected)
     payload = torch.load(injected / "last.pt", weights_only=True)
     payload["rng"]["cuda"] = _three_cuda_states(ctx, payload["rng"]["cuda"])
-    torch.save(payload, injected / "last.pt")
+    save_payload(injected / "last.pt", payload)
     ends = [
         train_mod.train(store, run, config=on_device, resume=True, progress=False)
         for run in (reference, injected)

@@ -3,7 +3,7 @@
 Public: :class:`DictConfig`, :data:`BLOCK_TYPES`, :data:`INITS`, :data:`VARIANTS`,
 :class:`Variant`, :func:`get_variant`, :func:`check_variants`, :class:`ModelConfig`,
 :func:`model_config`, :class:`TrainConfig`, :class:`RuntimeConfig`, :class:`RunConfig`,
-:data:`PRECISIONS`, :func:`check_precision`, :func:`num_blocks_for`.
+:data:`PRECISIONS`, :func:`check_precision`, :func:`check_device`, :func:`num_blocks_for`.
 
 Three typed dataclasses configure a run, one per concern: :class:`ModelConfig` (the network),
 :class:`TrainConfig` (the recipe) and :class:`RuntimeConfig` (device, workers, speed), held
@@ -17,6 +17,8 @@ Code cites the book's specification page as "specification §N.M".
 from __future__ import annotations
 
 import math
+import numbers
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
@@ -34,6 +36,7 @@ __all__ = [
     "RuntimeConfig",
     "TrainConfig",
     "Variant",
+    "check_device",
     "check_variants",
     "get_variant",
     "check_precision",
@@ -55,6 +58,45 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     return precision
+
+
+#: Device names a run accepts: "auto", or a device type with an optional index.
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+_DEVICE = re.compile(r"(?P<type>[a-z]+)(?::(?P<index>\d+))?")
+
+
+def check_device(device: str) -> str:
+    """``device`` if it names a device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (also
+    ``"mps"``, ``"xpu"``, ``"xpu:N"``); otherwise a ``ValueError`` listing the valid forms.
+    Whether the device is present is :func:`resemul_core.runtime.select_device`'s question."""
+    match = _DEVICE.fullmatch(device) if isinstance(device, str) else None
+    if device != "auto" and (
+        match is None
+        or match["type"] not in DEVICE_TYPES
+        or (match["index"] is not None and match["type"] in ("cpu", "mps"))
+    ):
+        raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N, mps, xpu")
+    return device
+
+
+def _check_numbers(config: Any) -> None:
+    """Refuse a ``float`` field of the dataclass ``config`` that is not a finite real number
+    (NaN, infinity, a string), and an ``int`` field that is not an integer, naming the field."""
+    owner = type(config).__name__
+    for f in fields(config):
+        value = getattr(config, f.name)
+        kinds = str(f.type).replace(" ", "").split("|")
+        if value is None and "None" in kinds:
+            continue
+        if "float" in kinds:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{owner}.{f.name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{owner}.{f.name} must be a finite number, got {value}")
+        elif "int" in kinds and (
+            isinstance(value, bool) or not isinstance(value, numbers.Integral)
+        ):
+            raise ValueError(f"{owner}.{f.name} must be an integer, got {value!r}")
 
 
 _Config = TypeVar("_Config", bound="DictConfig")
@@ -171,6 +213,7 @@ class ModelConfig(DictConfig):
     num_blocks: int = 9  # input length is 3 ** (num_blocks + 1): 59049 samples for 9
 
     def __post_init__(self) -> None:
+        _check_numbers(self)
         if self.block not in BLOCK_TYPES:
             raise ValueError(f"unknown block type {self.block!r}; valid: {', '.join(BLOCK_TYPES)}")
         if self.init not in INITS:
@@ -181,6 +224,10 @@ class ModelConfig(DictConfig):
             raise ValueError("width and alpha must be > 0 and num_tags >= 1")
         if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.block_dropout < 1.0):
             raise ValueError("dropout rates must lie in [0, 1)")
+        if self.bn_eps <= 0:
+            raise ValueError(f"ModelConfig.bn_eps must be > 0, got {self.bn_eps}")
+        if not 0.0 < self.bn_momentum <= 1.0:
+            raise ValueError(f"ModelConfig.bn_momentum must lie in (0, 1], got {self.bn_momentum}")
 
     @property
     def segment_length(self) -> int:
@@ -281,6 +328,7 @@ class TrainConfig(DictConfig):
     precision: str = "fp32"  # "fp32" (the paper's), "tf32" or "bf16" (resemul_core.runtime)
 
     def __post_init__(self) -> None:
+        _check_numbers(self)  # NaN and infinity first: they pass every comparison below
         positive = ("learning_rate", "batch_size", "num_stages", "max_epochs_per_stage")
         for name in positive + ("val_batch_size",):
             if getattr(self, name) <= 0:
@@ -293,6 +341,12 @@ class TrainConfig(DictConfig):
             raise ValueError(f"TrainConfig.lr_factor must lie in (0, 1], got {self.lr_factor}")
         if self.patience < 0 or self.lr_decay < 0 or self.weight_decay < 0 or self.momentum < 0:
             raise ValueError("patience, lr_decay, weight_decay and momentum must be >= 0")
+        if self.momentum >= 1.0:
+            raise ValueError(f"TrainConfig.momentum must lie in [0, 1), got {self.momentum}")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("TrainConfig.nesterov needs momentum > 0 (or nesterov=false)")
+        if not 0 <= self.seed < 2**64:
+            raise ValueError(f"TrainConfig.seed must lie in [0, 2**64), got {self.seed}")
         check_precision(self.precision)
 
     @classmethod
@@ -328,6 +382,8 @@ class RuntimeConfig(DictConfig):
     sync_bn: bool = True  # under DDP, BN statistics over the global batch, not per rank
 
     def __post_init__(self) -> None:
+        _check_numbers(self)
+        check_device(self.device)
         if self.checkpoint_every <= 0:
             raise ValueError(f"checkpoint_every must be > 0, got {self.checkpoint_every}")
         if self.num_workers < 0:

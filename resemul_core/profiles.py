@@ -20,6 +20,7 @@ SEED=1`` or ``SET="..."``) and Python callers, and it rejects unknown keys with 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -267,6 +268,7 @@ def _parse_value(text: str, annotation: Any, key: str) -> Any:
         if text.lower() in ("none", "null", ""):
             return None
         annotation = next(a for a in options if a is not type(None))
+    kind = getattr(annotation, "__name__", annotation)
     try:
         if annotation is bool:
             if text.lower() in ("1", "true", "yes", "on"):
@@ -277,11 +279,13 @@ def _parse_value(text: str, annotation: Any, key: str) -> Any:
         if annotation is int:
             return int(text)
         if annotation is float:
-            return float(text)
+            value = float(text)
+            if math.isfinite(value):
+                return value
+            kind = "a finite float"  # NaN and infinity parse, but no setting takes them
+            raise ValueError(text)
     except ValueError:
-        raise ValueError(
-            f"setting {key}={text!r}: expected {getattr(annotation, '__name__', annotation)}"
-        ) from None
+        raise ValueError(f"setting {key}={text!r}: expected {kind}") from None
     return text
 
 

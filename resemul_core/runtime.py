@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from resemul_core.config import PRECISIONS, check_precision
+from resemul_core.config import PRECISIONS, check_device, check_precision
 
 __all__ = [
     "PRECISIONS",
@@ -80,12 +80,24 @@ def configure_backends(device: torch.device | str, precision: str) -> None:
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """``"auto"``: the first CUDA device if there is one, else the CPU; otherwise as named."""
+    """``"auto"``: the first CUDA device if there is one, else the CPU; otherwise as named.
+
+    Raises:
+        ValueError: a name that is no device (:func:`~resemul_core.config.check_device`), or a
+            CUDA device that is not present.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    device = torch.device(check_device(name))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"device {name!r} requested but there are only {count} CUDA device(s) "
+                f"(cuda:0 to cuda:{count - 1})"
+            )
     return device
 
 

@@ -11,7 +11,11 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+import pytest
+
 from resemul_core.config import RunConfig
+from resemul_core.data.store import write_store_from_arrays
 from resemul_core.profiles import apply_overrides, resolve_config
 
 #: Where the training tests train: "cpu" unless RESEMUL_TEST_DEVICE says otherwise.
@@ -42,3 +46,20 @@ def pinned_config(
             variant, profile, overrides, num_tags=num_tags, segment_length=segment_length
         )
     )
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    """A small store of 24 noise clips (16/4/4), 3 tags, 2 segments of 243 samples (the
+    input of a 4-block model) each."""
+    rng = np.random.default_rng(0)
+    n = 24
+    out = tmp_path_factory.mktemp("small") / "store"
+    write_store_from_arrays(
+        out,
+        waveforms=[0.1 * rng.standard_normal((2, 3**5)).astype(np.float32) for _ in range(n)],
+        labels=(rng.random((n, 3)) < 0.5).astype(np.uint8),
+        splits=["train"] * 16 + ["valid"] * 4 + ["test"] * 4,
+        tags=["a", "b", "c"],
+    )
+    return out

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import numpy as np
 import pytest
 import soundfile as sf
 
+from resemul_core.data import audio as audio_module
 from resemul_core.data.audio import (
     LOUDNESS_FLOOR_DB,
     AudioDecodeError,
@@ -79,16 +83,90 @@ def test_resampling_overshoot_is_clipped(tmp_path):
 def test_bad_files_raise_errors_naming_the_file(tmp_path):
     empty = tmp_path / "empty.mp3"
     empty.write_bytes(b"")
-    with pytest.raises(AudioDecodeError, match=r"empty\.mp3: empty file"):
+    with pytest.raises(AudioDecodeError, match=r"empty\.mp3 is empty \(0 bytes\)"):
         load_audio(empty)
     text = tmp_path / "notes.mp3"
     text.write_text("not audio at all\n" * 50)
-    with pytest.raises(AudioDecodeError, match=r"notes\.mp3: cannot decode"):
+    with pytest.raises(AudioDecodeError, match=r"notes\.mp3 is not a recognisable audio file"):
         load_audio(text)
     with pytest.raises(FileNotFoundError, match=r"absent\.wav"):
         load_audio(tmp_path / "absent.wav")
     with pytest.raises(ValueError, match="sample_rate"):
         load_audio(empty, sample_rate=0)
+
+
+def test_each_failure_is_one_sentence_naming_the_file_and_the_true_reason(tmp_path, monkeypatch):
+    def fails(path, error, message):
+        with pytest.raises(error) as caught:
+            load_audio(path)
+        assert str(caught.value) == message
+        assert "regular file (possibly a pipe?)" not in str(caught.value)  # libsndfile's guess
+
+    fails(tmp_path / "absent.wav", FileNotFoundError, f"{tmp_path / 'absent.wav'} does not exist")
+    (tmp_path / "album.mp3").mkdir()
+    fails(tmp_path / "album.mp3", AudioDecodeError, f"{tmp_path / 'album.mp3'} is a directory")
+    (tmp_path / "dangling.wav").symlink_to(tmp_path / "gone.wav")
+    fails(
+        tmp_path / "dangling.wav",
+        FileNotFoundError,
+        f"{tmp_path / 'dangling.wav'} is a broken symbolic link to {tmp_path / 'gone.wav'}",
+    )
+    os.mkfifo(tmp_path / "pipe.mp3")  # opening a pipe would block: it must never be opened
+    fails(
+        tmp_path / "pipe.mp3",
+        AudioDecodeError,
+        f"{tmp_path / 'pipe.mp3'} is not a regular file (it is a named pipe)",
+    )
+    (tmp_path / "empty.flac").write_bytes(b"")
+    fails(
+        tmp_path / "empty.flac", AudioDecodeError, f"{tmp_path / 'empty.flac'} is empty (0 bytes)"
+    )
+    for name in ("notes.mp3", "notes.wav", "notes.ogg"):  # libsndfile: 3 different complaints
+        (tmp_path / name).write_text("not audio at all\n" * 50)
+        fails(
+            tmp_path / name,
+            AudioDecodeError,
+            f"{tmp_path / name} is not a recognisable audio file (no decoder accepts its format;"
+            " it looks like text: 'not audio at all')",
+        )
+    (tmp_path / "zeros.mp3").write_bytes(bytes(4000))
+    fails(
+        tmp_path / "zeros.mp3",
+        AudioDecodeError,
+        f"{tmp_path / 'zeros.mp3'} is not a recognisable audio file (no decoder accepts its format;"
+        " its first bytes are all zero)",
+    )
+    sf.write(tmp_path / "tone.wav", sine(0.1, 8000), 8000)
+    (tmp_path / "cut.wav").write_bytes((tmp_path / "tone.wav").read_bytes()[:30])
+    fails(
+        tmp_path / "cut.wav",
+        AudioDecodeError,
+        f"{tmp_path / 'cut.wav'} looks like a WAV file but cannot be decoded"
+        " (libsndfile: Error in WAV file. No 'data' chunk marker.)",
+    )
+    sf.write(tmp_path / "tone.mp3", sine(1.0, 16_000), 16_000)
+    (tmp_path / "cut.mp3").write_bytes((tmp_path / "tone.mp3").read_bytes()[:40])
+    fails(
+        tmp_path / "cut.mp3",
+        AudioDecodeError,
+        f"{tmp_path / 'cut.mp3'} looks like an MP3 file but cannot be decoded"
+        " (the MP3 decoder found no complete audio frame: truncated or damaged)",
+    )
+
+    # permission denied: chmod does not stop root, so the open is refused by hand if need be
+    locked = tmp_path / "locked.wav"
+    locked.write_bytes((tmp_path / "tone.wav").read_bytes())
+    locked.chmod(0)
+
+    def refuse(file, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+
+    if os.access(locked, os.R_OK):
+        monkeypatch.setattr(audio_module, "open", refuse, raising=False)
+    fails(locked, AudioDecodeError, f"{locked} cannot be read: permission denied")
+    monkeypatch.undo()
+    locked.chmod(0o644)
+    assert len(load_audio(locked, sample_rate=8000)) == 800  # a readable copy decodes
 
 
 def test_truncated_mp3_decodes_its_intact_part(tmp_path):

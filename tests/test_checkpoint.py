@@ -12,6 +12,7 @@ from resemul_core.model.checkpoint import (
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
+    save_payload,
     upgrade_state_dict,
 )
 from resemul_core.training.run_dir import load_model, resolve_checkpoint
@@ -65,6 +66,7 @@ def _save_v1(path, model, **extra):
     """A version-1 file: the payload ``save_checkpoint`` wrote before layers had names."""
     payload = torch.load(save_checkpoint(path, model=model, tags=TAGS, **extra), weights_only=True)
     payload["version"] = 1
+    payload.pop("checksum")  # version 1 had none
     payload["model_state"] = _to_v1(payload["model_state"])
     torch.save(payload, path)
     return path
@@ -96,7 +98,7 @@ def test_version_1_checkpoint_loads_with_identical_outputs(tmp_path, name):
     path = _save_v1(tmp_path / "v1.pt", model, epoch=2)
     assert torch.load(path, weights_only=True)["version"] == 1
     loaded, payload = load_checkpoint(path)
-    assert payload["version"] == 2 and payload["epoch"] == 2
+    assert payload["version"] == 3 and payload["epoch"] == 2
     x = torch.randn(3, 243)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
@@ -126,9 +128,9 @@ def test_version_1_training_state_resumes_the_optimizer(tmp_path):
 def test_unknown_version_is_refused(tmp_path):
     path = save_checkpoint(tmp_path / "c.pt", model=_model(), tags=TAGS)
     payload = torch.load(path, weights_only=True)
-    payload["version"] = 3
+    payload["version"] = 99
     torch.save(payload, path)
-    with pytest.raises(CheckpointError, match="c.pt has format version 3.*reads versions 1, 2"):
+    with pytest.raises(CheckpointError, match="c.pt has format version 99.*reads versions 1, 2, 3"):
         read_checkpoint(path)
 
 
@@ -152,7 +154,7 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     path = save_checkpoint(tmp_path / "c.pt", model=_model(), tags=TAGS)
     payload = torch.load(path, weights_only=True)
     payload["model_config"]["width"] = 0.125
-    torch.save(payload, path)
+    save_payload(path, payload)  # a consistent file whose weights do not fit its config
     with pytest.raises(CheckpointError, match="does not match its model config"):
         load_checkpoint(path)
 

@@ -11,33 +11,16 @@ import subprocess
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import pytest
 import torch
 from conftest import TEST_DEVICE
 
-from resemul_core.data.store import write_store_from_arrays
 from resemul_core.interfaces import pipeline
 from resemul_core.interfaces.cli import main
 from resemul_core.model.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTH = 3**5  # 4 blocks
-
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    n = 24
-    out = tmp_path_factory.mktemp("front") / "store"
-    write_store_from_arrays(
-        out,
-        waveforms=[0.1 * rng.standard_normal((2, LENGTH)).astype(np.float32) for _ in range(n)],
-        labels=(rng.random((n, 3)) < 0.5).astype(np.uint8),
-        splits=["train"] * 16 + ["valid"] * 4 + ["test"] * 4,
-        tags=["a", "b", "c"],
-    )
-    return out
 
 
 def _run_notebook_cells(name: str, parameters: dict) -> dict:

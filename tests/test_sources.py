@@ -14,6 +14,7 @@ import soundfile as sf
 
 from resemul_core.data.prepare import prepare_store
 from resemul_core.data.sources import (
+    MSD_PATH_PATTERNS,
     MTAT_KNOWN_BROKEN,
     SOURCES,
     SYNTH_MARKER,
@@ -376,3 +377,160 @@ def test_data_info_of_a_synthetic_store_says_synth(tmp_path, capsys):
     assert main(["data", "info", str(tmp_path / "store")]) == 0
     out = capsys.readouterr().out
     assert "dataset      synth" in out and "mtat" not in out.split("dataset", 1)[1].split("\n")[0]
+
+
+# --- duplicates and paths outside the root ----------------------------------------------------
+
+
+def append_mtat_rows(root: Path, rows: list[tuple[str, str, set[str]]]) -> None:
+    """Append rows (clip_id, mp3_path, tags) to a :func:`make_mtat` CSV, quoted like it."""
+    csv = root / "annotations_final.csv"
+    lines = [
+        "\t".join(
+            f'"{f}"' for f in [clip_id, *("1" if t in tags else "0" for t in MTAT_TAGS), path]
+        )
+        for clip_id, path, tags in rows
+    ]
+    csv.write_text(csv.read_text() + "\n".join(lines) + "\n")
+
+
+def test_mtat_duplicate_clip_ids_rows_and_paths_are_dropped_and_listed(tmp_path):
+    root = make_mtat(tmp_path / "mtat")
+    make_audio(root / "mp3" / "0", ["other.mp3"])
+    append_mtat_rows(
+        root,
+        [
+            ("1", "0/other.mp3", {"choral"}),  # row 13: clip_id of row 1, another file
+            ("2", "5/two.mp3", {"guitar"}),  # row 14: row 2 repeated exactly
+            ("50", "c/four.mp3", {"slow"}),  # row 15: the file of row 4 under a new id
+        ],
+    )
+    source = read_mtat(root, top_k=3)
+    # the first occurrences stay, and the repeats do not count towards the tag ranking
+    assert source.tags == ["rock", "piano", "guitar"]
+    assert source.clips["clip_id"].tolist() == ["1", "2", "3", "4", "5", "6", "9"]
+    assert source.clips["path"].tolist()[:2] == ["0/one.mp3", "5/two.mp3"]
+    np.testing.assert_array_equal(source.labels[0], [1, 0, 1])
+    assert source.dropped[:3] == [
+        {
+            "clip_id": "1",
+            "path": "0/other.mp3",
+            "split": "train",
+            "reason": "duplicate clip_id",
+            "detail": "row 13 of annotations_final.csv repeats clip_id '1' of row 1",
+        },
+        {
+            "clip_id": "2",
+            "path": "5/two.mp3",
+            "split": "train",
+            "reason": "duplicate clip_id",
+            "detail": "row 14 of annotations_final.csv repeats clip_id '2' of row 2"
+            " (the whole row is identical)",
+        },
+        {
+            "clip_id": "50",
+            "path": "c/four.mp3",
+            "split": "valid",
+            "reason": "duplicate path",
+            "detail": "row 15 of annotations_final.csv repeats mp3_path 'c/four.mp3' of row 4"
+            " (clip_id '4')",
+        },
+    ]
+    assert [d["reason"] for d in source.dropped[3:]] == ["no tag"] * 2 + ["known broken"] * 3
+    assert source.split_counts() == (4, 1, 2)
+
+
+def test_mtat_and_table_reject_a_duplicated_column_header(tmp_path):
+    root = make_mtat(tmp_path / "mtat")
+    csv = root / "annotations_final.csv"
+    header, rest = csv.read_text().split("\n", 1)
+    csv.write_text(header.replace('"never"', '"piano"') + "\n" + rest)  # pandas: 'piano.1'
+    with pytest.raises(
+        ValueError,
+        match=r"annotations_final\.csv: column 'piano' occurs more than once in the header"
+        r" \(columns 4 and 5\)",
+    ):
+        read_mtat(root)
+    make_audio(tmp_path, ["a.wav"])
+    (tmp_path / "t.csv").write_text("path,rock,jazz, rock\na.wav,1,0,1\n")
+    with pytest.raises(ValueError, match=r"t\.csv: column 'rock' occurs more than once"):
+        read_table(tmp_path / "t.csv")
+
+
+def test_mtat_paths_outside_the_root_are_dropped_unopened(tmp_path):
+    root = make_mtat(tmp_path / "mtat")
+    make_audio(root, ["escaped.mp3"])  # a real file, but beside mp3/, not in it
+    make_audio(root / "mp3" / "5", ["inside.mp3"])
+    append_mtat_rows(
+        root,
+        [
+            ("60", "0/../../../../etc/passwd", {"guitar"}),
+            ("61", "/etc/passwd", {"guitar"}),
+            ("62", "0/../../escaped.mp3", {"guitar"}),
+            ("63", "c/../5/inside.mp3", {"guitar"}),  # stays inside: kept, as train
+        ],
+    )
+    source = read_mtat(root, top_k=3)
+    audio_root = root / "mp3"
+    skips = [
+        (d["clip_id"], d["path"], d["split"], d["reason"], d["detail"]) for d in source.dropped
+    ]
+    assert skips[:3] == [
+        ("60", "0/../../../../etc/passwd", "train", "path outside root",
+         f"row 13 of annotations_final.csv: '0/../../../../etc/passwd' is not inside {audio_root}"),
+        ("61", "/etc/passwd", "", "path outside root",
+         f"row 14 of annotations_final.csv: '/etc/passwd' is not inside {audio_root}"),
+        ("62", "0/../../escaped.mp3", "train", "path outside root",
+         f"row 15 of annotations_final.csv: '0/../../escaped.mp3' is not inside {audio_root}"),
+    ]  # fmt: skip
+    assert [d["reason"] for d in source.dropped[3:]] == ["no tag"] * 2 + ["known broken"] * 3
+    assert source.clips["clip_id"].tolist() == ["1", "2", "3", "4", "5", "6", "9", "63"]
+    assert source.clips.iloc[-1].tolist() == ["63", "5/inside.mp3", "train"]
+
+
+def test_mtat_follows_symlinks_inside_the_root(tmp_path):
+    root = make_mtat(tmp_path / "mtat")
+    make_audio(tmp_path / "elsewhere", ["linked.mp3"])
+    (root / "mp3" / "7").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    append_mtat_rows(root, [("70", "7/linked.mp3", {"guitar"})])
+    source = read_mtat(root, top_k=3)
+    assert source.clips["clip_id"].tolist()[-1] == "70"
+    assert all(d["clip_id"] != "70" for d in source.dropped)
+
+
+def write_msd_split(root: Path, split: str, ids: list[str], stems: list[str]) -> None:
+    (root / f"{split}_x_msd_id.txt").write_text("".join(f"{i}\n" for i in ids))
+    (root / f"{split}_x_filename.txt").write_text("".join(f"{s}.npy\n" for s in stems))
+    y = np.zeros((len(ids), 50), np.uint8)
+    y[:, 0] = 1
+    np.save(root / f"{split}_y.npy", y)
+
+
+def test_msd_duplicates_and_paths_outside_the_root_are_dropped_and_listed(tmp_path):
+    make_msd(tmp_path)
+    make_audio(tmp_path, ["escaped.clip.mp3"])  # beside audio/, not in it
+    write_msd_split(
+        tmp_path,
+        "valid",
+        ["TRCCCCC128F00003", "TRAAAAA128F00001", "TRFFFFF128F00006", "TRGGGGG128F00007"],
+        ["5/6/56", "1/2/12", "../escaped", "5/6/56"],
+    )
+    source = read_msd(tmp_path)
+    audio = tmp_path / "audio"
+    assert source.clips["clip_id"].tolist() == [
+        "TRAAAAA128F00001",
+        "TRCCCCC128F00003",
+        "TRDDDDD128F00004",
+        "TREEEEE128F00005",
+    ]
+    assert source.labels.shape == (4, 50)
+    assert [(d["clip_id"], d["split"], d["reason"], d["detail"]) for d in source.dropped] == [
+        ("TRAAAAA128F00001", "valid", "duplicate clip_id",
+         "track 2 of valid_x_msd_id.txt repeats track 1 of train_x_msd_id.txt"),
+        ("TRFFFFF128F00006", "valid", "path outside root",
+         f"'../escaped.clip.mp3' is not inside {audio}"),
+        ("TRBBBBB128F00002", "train", "missing file",
+         f"no file under {audio} matching {list(MSD_PATH_PATTERNS)}"),
+        ("TRGGGGG128F00007", "valid", "duplicate path",
+         "'5/6/56.mp3' is already the audio of TRCCCCC128F00003 (track 1 of valid_x_msd_id.txt)"),
+    ]  # fmt: skip

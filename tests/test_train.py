@@ -32,7 +32,7 @@ from resemul_core.config import (
 from resemul_core.data.store import write_store_from_arrays
 from resemul_core.interfaces.cli import main as cli_main
 from resemul_core.interfaces.pipeline import fit
-from resemul_core.model.checkpoint import CheckpointError, read_checkpoint
+from resemul_core.model.checkpoint import CheckpointError, read_checkpoint, save_payload
 from resemul_core.model.sample_cnn import SampleCNN
 from resemul_core.profiles import PROFILES, apply_overrides, resolve_config
 from resemul_core.training.loop import train
@@ -558,7 +558,7 @@ def test_a_checkpoint_with_cuda_rng_states_of_other_gpus_resumes(store, tmp_path
     payload["rng"]["cuda"] = [
         torch.cuda.get_rng_state() if TEST_DEVICE != "cpu" else torch.zeros(16, dtype=torch.uint8)
     ] * 3
-    torch.save(payload, run / "last.pt")
+    save_payload(run / "last.pt", payload)
     final = train(store, run, resume=True, progress=False)
     assert final.finished and final.global_step == 16
     if TEST_DEVICE == "cpu":

@@ -297,6 +297,7 @@ def evaluate_checkpoint(
         raise ValueError(f"{path} was trained on other tags than those of store {store.path}")
     if payload.get("store_fingerprint") not in (None, store.fingerprint):
         logger.warning("%s was trained on a different store than %s", path, store.path)
+    store.verify_clips(store.split_indices(split))  # scores of damaged audio would mislead
     scores, labels, clip_index = predict_clips(
         model,
         store,

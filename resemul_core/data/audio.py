@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,113 @@ _RESAMPLE_MARGIN_S = 0.05
 
 
 class AudioDecodeError(ValueError):
-    """An audio file that cannot be decoded; the message names the file and the reason."""
+    """A path that exists but cannot be decoded as audio (not a readable regular file, empty,
+    no format a decoder accepts, damaged); the message is one sentence naming the file and the
+    reason."""
+
+
+# Leading bytes of the formats a user is likely to hand over; only used to explain a failure.
+_SIGNATURES = (
+    (b"fLaC", "FLAC"),
+    (b"OggS", "Ogg"),
+    (b"ID3", "MP3"),
+    (b"RF64", "RF64 (WAV)"),
+    (b"FORM", "AIFF"),
+    (b"caff", "CAF"),
+    (b".snd", "AU"),
+)
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "named pipe"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+# libsndfile's error 7: for a file named .mp3 whose content its MPEG reader rejects, libsndfile
+# says "File does not exist or is not a regular file (possibly a pipe?)", never the reason here
+# (the file was checked before); 1 is "Format not recognised."
+_LIBSNDFILE_MISLEADING = 7
+_LIBSNDFILE_UNRECOGNISED = 1
+
+
+def _check_file(path: Path) -> bytes:
+    """The first 64 bytes of ``path``, once it is known to be a readable, non-empty regular file;
+    otherwise the error :func:`load_audio` documents. A pipe or device is never opened."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            target = os.readlink(path)
+            raise FileNotFoundError(f"{path} is a broken symbolic link to {target}") from None
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except NotADirectoryError:
+        raise FileNotFoundError(f"{path} does not exist (a folder on its path is a file)") from None
+    except PermissionError as err:
+        raise AudioDecodeError(f"{path} cannot be read: permission denied") from err
+    except OSError as err:
+        raise AudioDecodeError(f"{path} cannot be read: {err.strerror or err}") from err
+    if stat.S_ISDIR(info.st_mode):
+        raise AudioDecodeError(f"{path} is a directory")
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "special file")
+        raise AudioDecodeError(f"{path} is not a regular file (it is a {kind})")
+    if info.st_size == 0:
+        raise AudioDecodeError(f"{path} is empty (0 bytes)")
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(64)
+    except PermissionError as err:
+        raise AudioDecodeError(f"{path} cannot be read: permission denied") from err
+    except OSError as err:
+        raise AudioDecodeError(f"{path} cannot be read: {err.strerror or err}") from err
+
+
+def _audio_format(head: bytes) -> str | None:
+    """The audio format ``head`` (a file's first bytes) announces, or ``None``."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "WAV"
+    for magic, name in _SIGNATURES:
+        if head.startswith(magic):
+            return name
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:  # an MPEG frame header
+        return "MP3"
+    return None
+
+
+def _describe_content(head: bytes) -> str:
+    """What the first bytes of a file that no decoder accepts look like, for the message."""
+    if not head.strip(b"\0"):
+        return "its first bytes are all zero"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:  # a character cut off at the end still counts as text
+        text = head[: err.start].decode("utf-8") if err.start >= len(head) - 3 else ""
+    if text.strip() and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return f"it looks like text: {text.strip().splitlines()[0][:40]!r}"
+    if head[:4] == b"RIFF":
+        return f"it is a RIFF file of type {head[8:12].decode('latin-1')!r}, not WAVE"
+    return f"it starts with the bytes {head[:8].hex(' ')}"
+
+
+def _open_failure(path: Path, head: bytes, err: Exception) -> AudioDecodeError:
+    """The error for a file libsndfile refused to open (``err``), explained by its content."""
+    code = getattr(err, "code", None)
+    reason = getattr(err, "error_string", None) or str(err)
+    fmt = _audio_format(head)
+    if fmt is None and code in (_LIBSNDFILE_UNRECOGNISED, _LIBSNDFILE_MISLEADING):
+        return AudioDecodeError(
+            f"{path} is not a recognisable audio file (no decoder accepts its format;"
+            f" {_describe_content(head)})"
+        )
+    if code == _LIBSNDFILE_MISLEADING:
+        reason = f"the {fmt} decoder found no complete audio frame: truncated or damaged"
+    else:
+        reason = f"libsndfile: {reason}"
+    if fmt is None:
+        return AudioDecodeError(f"{path} cannot be decoded ({reason})")
+    article = "an" if fmt in ("MP3", "Ogg", "AIFF", "AU", "RF64 (WAV)") else "a"
+    return AudioDecodeError(
+        f"{path} looks like {article} {fmt} file but cannot be decoded ({reason})"
+    )
 
 
 def load_audio(
@@ -84,9 +191,14 @@ def load_audio(
         to [-1, 1] because resampling can overshoot slightly.
 
     Raises:
-        AudioDecodeError: the file is empty, unreadable by libsndfile, holds no audio frames or
-            non-finite samples. The message names the file and the reason.
-        FileNotFoundError: ``path`` does not exist.
+        AudioDecodeError: ``path`` exists but is a directory, not a regular file (a pipe, a
+            device: never opened), unreadable (permission denied), empty, of no format a
+            decoder accepts, damaged, or it decodes to no audio frames or to non-finite
+            samples.
+        FileNotFoundError: ``path`` does not exist (or is a broken symbolic link).
+
+        Every message is one sentence that names the file and the reason ("x.mp3 is not
+        a recognisable audio file ..."), never a decoder's guess about why it failed.
 
     Note:
         The official code resamples with ffmpeg's default (swresample) filter, this uses soxr;
@@ -98,23 +210,24 @@ def load_audio(
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
     if duration is not None and duration <= 0:
         raise ValueError(f"duration must be positive or None, got {duration}")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such audio file")
-    if path.stat().st_size == 0:
-        raise AudioDecodeError(f"{path}: empty file (0 bytes)")
+    head = _check_file(path)
     try:
-        with sf.SoundFile(path) as handle:
+        handle = sf.SoundFile(path)
+    except (sf.LibsndfileError, RuntimeError, EOFError) as err:
+        raise _open_failure(path, head, err) from err
+    try:
+        with handle:
             native_rate = handle.samplerate
             frames = -1
             if duration is not None:
                 frames = math.ceil((duration + _RESAMPLE_MARGIN_S) * native_rate)
             data = handle.read(frames=frames, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, EOFError) as err:
-        raise AudioDecodeError(f"{path}: cannot decode (libsndfile: {err})") from err
+        raise AudioDecodeError(f"{path} failed partway through decoding ({err})") from err
     if data.shape[0] == 0:
-        raise AudioDecodeError(f"{path}: no audio frames")
+        raise AudioDecodeError(f"{path} holds no audio frames")
     if not np.isfinite(data).all():
-        raise AudioDecodeError(f"{path}: decoded samples contain NaN or infinity")
+        raise AudioDecodeError(f"{path} decodes to samples that are NaN or infinite")
     mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     if native_rate != sample_rate:
         mono = soxr.resample(mono, native_rate, sample_rate, quality="HQ").astype(np.float32)

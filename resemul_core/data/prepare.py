@@ -18,7 +18,15 @@ How a run survives SIGKILL and resumes to a byte-identical store:
    shape and the file truncated. Then ``clips.csv``, ``labels.npy`` and, last,
    ``manifest.json`` (see :mod:`resemul_core.data.store`).
 
+4. Before the manifest is written every slot is read back against its digest (a slot a
+   failing disk lost is decoded again, once), so a store never calls itself complete over
+   data it does not hold. The slot file's helpers are in :mod:`resemul_core.data.slots`.
+
 Everything written depends only on the plan and the audio, never on timing or worker count.
+Writes are checked (a full disk stops the run naming the output file, and the same call
+resumes), ``STORE/.lock`` keeps a second process out (:mod:`resemul_core.locks`), workers die
+with their parent (:mod:`resemul_core.workers`), and ``--out`` must be new, empty or a store
+this module wrote: files it did not write are never replaced.
 """
 
 from __future__ import annotations
@@ -30,7 +38,6 @@ import logging
 import math
 import os
 import shutil
-import struct
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -49,16 +56,25 @@ from resemul_core.data.audio import (
     load_audio,
     segment_waveform,
 )
+from resemul_core.data.integrity import clip_digest
 from resemul_core.data.metadata import Source
+from resemul_core.data.slots import (
+    allocate_segments,
+    compact_slots,
+    damaged_slots,
+    read_journal,
+)
 from resemul_core.data.store import (
     SPLITS,
+    STORE_FORMAT,
     SegmentStore,
-    clip_digest,
     finish_store,
     open_store,
     quantize,
 )
-from resemul_core.files import write_json, write_text
+from resemul_core.files import atomic_write, output_error, pwrite_all, write_json
+from resemul_core.locks import LOCK_FILE, directory_lock
+from resemul_core.workers import exit_with_parent
 
 __all__ = ["prepare_store", "store_summary"]
 
@@ -96,7 +112,14 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(segments_path: str, offset: int, params: dict[str, Any]) -> None:
-    _WORKER.update(fd=os.open(segments_path, os.O_WRONLY), offset=offset, params=params)
+    _WORKER.update(
+        fd=os.open(segments_path, os.O_WRONLY), path=segments_path, offset=offset, params=params
+    )
+
+
+def _init_pool_worker(parent: int, *args: Any) -> None:
+    exit_with_parent(parent)  # a SIGKILLed parent must not leave its workers behind
+    _init_worker(*args)
 
 
 def _process_clip(index: int, path: str) -> dict[str, Any]:
@@ -124,8 +147,12 @@ def _process_clip(index: int, path: str) -> dict[str, Any]:
         return {"i": index, "status": "skip", "reason": "too short", "detail": detail}
     slot = np.zeros((per_clip, length), dtype="<i2")
     slot[: len(segments)] = quantize(segments)
-    os.pwrite(_WORKER["fd"], slot.tobytes(), _WORKER["offset"] + index * slot.nbytes)
-    os.fdatasync(_WORKER["fd"])
+    path = _WORKER["path"]
+    pwrite_all(_WORKER["fd"], slot.tobytes(), _WORKER["offset"] + index * slot.nbytes, path=path)
+    try:
+        os.fdatasync(_WORKER["fd"])
+    except OSError as err:
+        raise output_error(err, path) from err
     digest = clip_digest(slot[: len(segments)])
     return {"i": index, "status": "ok", "n": len(segments), "digest": digest}
 
@@ -133,57 +160,15 @@ def _process_clip(index: int, path: str) -> dict[str, Any]:
 def _process_task(task: tuple[int, str]) -> dict[str, Any]:
     try:
         return _process_clip(*task)
+    except OSError as err:
+        if err.filename == _WORKER["path"]:  # the output failed (disk full, ...), not the clip
+            raise OSError(err.errno, err.strerror, err.filename) from None
+        raise RuntimeError(f"{task[1]}: {type(err).__name__}: {err}") from err
     except Exception as err:  # an unexpected failure must stop the run and name the clip
         raise RuntimeError(f"{task[1]}: {type(err).__name__}: {err}") from err
 
 
 # --- parent side --------------------------------------------------------------------------
-
-
-def _read_journal(path: Path, num_clips: int) -> dict[int, dict[str, Any]]:
-    """Complete journal entries by clip index; a torn last line is cut off the file."""
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
-    complete, _, torn = data.rpartition(b"\n")
-    if torn:
-        logger.info("%s: ignoring a torn last line (%d bytes)", path, len(torn))
-        with open(path, "r+b") as handle:
-            handle.truncate(len(data) - len(torn))
-    entries: dict[int, dict[str, Any]] = {}
-    for number, line in enumerate(complete.split(b"\n") if complete else [], start=1):
-        try:
-            entry = json.loads(line)
-            index = int(entry["i"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise ValueError(
-                f"{path}: line {number} is corrupt ({err}); delete {path.parent.parent} and"
-                " prepare again"
-            ) from err
-        if not 0 <= index < num_clips:
-            raise ValueError(f"{path}: line {number}: clip index {index} out of range")
-        entries[index] = entry
-    return entries
-
-
-def _npy_header(shape: tuple[int, ...], offset: int) -> bytes:
-    """A version-1.0 ``.npy`` header for little-endian int16 ``shape``, exactly ``offset`` bytes."""
-    text = f"{{'descr': '<i2', 'fortran_order': False, 'shape': {tuple(shape)!r}, }}"
-    padding = offset - 10 - len(text) - 1
-    if padding < 0:
-        raise ValueError(f"npy header for shape {shape} does not fit in {offset} bytes")
-    return (
-        b"\x93NUMPY\x01\x00"
-        + struct.pack("<H", offset - 10)
-        + (text + " " * padding + "\n").encode()
-    )
-
-
-def _allocate(path: Path, shape: tuple[int, int, int]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype="<i2", shape=shape)
-    del array  # the file is sparse: unwritten slots read as zeros
-    os.replace(tmp, path)
 
 
 def _run(
@@ -200,8 +185,11 @@ def _run(
     with open(journal, "ab") as log, bar:
 
         def record(entry: dict[str, Any]) -> None:
-            log.write(json.dumps(entry).encode() + b"\n")
-            log.flush()
+            try:
+                log.write(json.dumps(entry).encode() + b"\n")
+                log.flush()
+            except OSError as err:
+                raise output_error(err, journal) from err
             bar.update(1)
 
         if workers <= 1:
@@ -214,8 +202,8 @@ def _run(
             return
         pool = ProcessPoolExecutor(
             max_workers=workers,
-            initializer=_init_worker,
-            initargs=(str(segments_path), offset, params),
+            initializer=_init_pool_worker,
+            initargs=(os.getpid(), str(segments_path), offset, params),
         )
         # A bounded window of submitted clips, refilled as clips finish: the parent holds
         # O(workers) futures, not one per clip (hundreds of thousands for the MSD).
@@ -236,42 +224,86 @@ def _run(
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _compact(
+def _redo_damaged(
     out: Path,
-    work: Path,
+    plan: dict[str, Any],
+    journal: Path,
     entries: dict[int, dict[str, Any]],
     shape: tuple[int, int, int],
     offset: int,
-) -> list[int]:
-    """Fill the holes of skipped clips with the last kept clips; return the final clip order."""
-    kept = sorted(i for i, e in entries.items() if e["status"] == "ok")
-    n_kept = len(kept)
-    holes = sorted(i for i, e in entries.items() if e["status"] != "ok" and i < n_kept)
-    tail = [i for i in kept if i >= n_kept]
-    order = list(range(n_kept))
-    for hole, source in zip(holes, tail, strict=True):
-        order[hole] = source
-    slot_bytes = shape[1] * shape[2] * 2
-    marker = work / "compacted"
+    params: dict[str, Any],
+    progress: bool,
+) -> dict[int, dict[str, Any]]:
+    """Check every decoded slot against its journal digest; decode damaged ones once more."""
     path = out / "segments.npy"
-    if not marker.exists():
-        fd = os.open(path, os.O_RDWR)
+    ok = {i: e for i, e in entries.items() if e["status"] == "ok"}
+    damaged = damaged_slots(path, offset, ok, shape)
+    if not damaged:
+        return entries
+    logger.warning(
+        "%s: %d clip slot(s) do not hold what was written (a short write?); decoding them again",
+        path,
+        len(damaged),
+    )
+    keep = b"".join(
+        json.dumps(e).encode() + b"\n" for i, e in sorted(entries.items()) if i not in damaged
+    )
+    with atomic_write(journal) as handle:
+        handle.write(keep)
+    root = Path(plan["root"])
+    tasks = [(i, str(root / plan["clips"][i][1])) for i in damaged]
+    _run(
+        tasks,
+        journal=journal,
+        segments_path=path,
+        offset=offset,
+        params=params,
+        workers=1,
+        progress=progress,
+    )
+    entries = read_journal(journal, len(plan["clips"]))
+    again = damaged_slots(path, offset, {i: entries[i] for i in damaged}, shape)
+    if again:
+        raise ValueError(
+            f"{path}: clip {plan['clips'][again[0]][0]} does not read back as written even after"
+            f" writing it again ({len(again)} clip(s)); the disk or filesystem is failing"
+        )
+    return entries
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that holds anything ``prepare`` did not write.
+
+    Ours: a complete store (a ``manifest.json`` of the store format) or an unfinished one (a
+    ``.prepare`` folder). Anything else in a non-empty directory is the user's, and neither
+    a prepare nor ``--overwrite`` may replace it (a table dataset's own ``clips.csv``, say).
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory; give a store directory")
+    names = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+    if not names or (out / WORK_DIR).is_dir():
+        return
+    manifest = out / "manifest.json"
+    if manifest.is_file():
         try:
-            for hole, source in zip(holes, tail, strict=True):
-                data = os.pread(fd, slot_bytes, offset + source * slot_bytes)
-                os.pwrite(fd, data, offset + hole * slot_bytes)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        write_text(marker, f"{n_kept}\n")
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.pwrite(fd, _npy_header((n_kept, shape[1], shape[2]), offset), 0)
-        os.ftruncate(fd, offset + n_kept * slot_bytes)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return order
+            ours = json.loads(manifest.read_text()).get("format") == STORE_FORMAT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if ours:
+            return
+        raise ValueError(
+            f"{manifest} is not the manifest of a segment store (damaged, or a file of yours): "
+            f"prepare never replaces files it did not write; choose another --out, or delete "
+            f"{out} yourself if it is a damaged store"
+        )
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise ValueError(
+        f"--out {out} is not empty and holds no segment store ({shown}); prepare writes "
+        f"{', '.join(_STORE_FILES)} there and never replaces files it did not write"
+        f"{' (not even with --overwrite)' if overwrite else ''}: give a new or empty directory"
+    )
 
 
 def prepare_store(
@@ -306,7 +338,15 @@ def prepare_store(
 
     Raises:
         ValueError: ``out`` holds a different complete or unfinished store (and not
-            ``overwrite``), or no clip could be decoded.
+            ``overwrite``), or files that are not a store's (even with ``overwrite``), or no
+            clip could be decoded, or the written data does not read back as written.
+        DirectoryBusy: another process is preparing into ``out``.
+        OSError: writing failed (disk full, read-only, ...); the error names the output
+            file. Everything finished so far is kept: the same call resumes.
+
+    The store directory is locked while this runs (:mod:`resemul_core.locks`). Before the
+    manifest is written, every clip's slot is read back and checked against the digest of
+    what was written (a slot that a failing disk lost is decoded again, once).
     """
     sizes = {
         "sample_rate": sample_rate,
@@ -315,11 +355,26 @@ def prepare_store(
         "clip_duration": clip_duration,
     }
     for name, value in sizes.items():
-        if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+        if not math.isfinite(value) or value <= 0:  # nan passes `value <= 0` alone
+            raise ValueError(f"{name} must be a positive finite number, got {value}")
     if len(source.clips) == 0:
         raise ValueError(f"{source.dataset}: no clips to prepare ({len(source.dropped)} dropped)")
     out = Path(out)
+    _check_output(out, overwrite)
+    with directory_lock(out, "data prepare"):
+        _check_output(out, overwrite)  # as it is now that we own it
+        return _prepare_locked(source, out, sizes, workers, progress, overwrite)
+
+
+def _prepare_locked(
+    source: Source,
+    out: Path,
+    sizes: dict[str, Any],
+    workers: int | None,
+    progress: bool,
+    overwrite: bool,
+) -> SegmentStore:
+    segments_per_clip, segment_length = sizes["segments_per_clip"], sizes["segment_length"]
     work = out / WORK_DIR
     params = {**sizes, "min_duration": source.min_duration}
     plan = _plan(source, params)
@@ -348,13 +403,13 @@ def prepare_store(
                 f"{out} holds an unfinished prepare of other data or parameters;"
                 " use overwrite=True (--overwrite) to discard it"
             )
-        entries = _read_journal(journal, num)
+        entries = read_journal(journal, num)
         logger.info("resuming %s: %d of %d clips already done", out, len(entries), num)
     else:
         work.mkdir(parents=True, exist_ok=True)
         journal.unlink(missing_ok=True)
         (work / "compacted").unlink(missing_ok=True)
-        _allocate(out / "segments.npy", shape)
+        allocate_segments(out / "segments.npy", shape)
         write_json(plan_file, plan)
         entries = {}
     offset = int(np.load(out / "segments.npy", mmap_mode="r").offset)
@@ -375,7 +430,7 @@ def prepare_store(
             workers=n_workers,
             progress=progress,
         )
-        entries = _read_journal(journal, num)
+        entries = read_journal(journal, num)
     missing = [i for i in range(num) if i not in entries]
     if missing:  # cannot happen unless the journal was edited by hand
         raise ValueError(f"{journal}: {len(missing)} clips have no entry after decoding")
@@ -383,7 +438,25 @@ def prepare_store(
         reasons = sorted({e["reason"] for e in entries.values()})
         raise ValueError(f"no clip of {source.dataset} could be decoded (reasons: {reasons})")
 
-    order = _compact(out, work, entries, shape, offset)
+    # Read every slot back before the store may call itself complete: a write that the disk
+    # lost is decoded again; compaction's copies are checked after it.
+    compacted = (work / "compacted").exists()
+    if not compacted:
+        entries = _redo_damaged(out, plan, journal, entries, shape, offset, params, progress)
+    order = compact_slots(out, work, entries, shape, offset)
+    final = {slot: entries[i] for slot, i in enumerate(order)}
+    damaged = damaged_slots(
+        out / "segments.npy",
+        offset,
+        final if compacted else {s: e for s, e in final.items() if order[s] != s},
+        (len(order), segments_per_clip, segment_length),
+    )
+    if damaged:
+        raise ValueError(
+            f"{out / 'segments.npy'}: {len(damaged)} clip(s) do not read back as written (first:"
+            f" clip {plan['clips'][order[damaged[0]]][0]}); the disk is failing or the file was"
+            f" changed; prepare again with --overwrite"
+        )
     rows = [plan["clips"][i] for i in order]
     clips = pd.DataFrame(rows, columns=["clip_id", "path", "split"])
     clips["num_segments"] = [int(entries[i]["n"]) for i in order]

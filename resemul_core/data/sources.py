@@ -1,8 +1,12 @@
 """Dataset adapters: MagnaTagATune, the Million Song Dataset, or any table → a list of clips.
 
-Public: :func:`read_mtat`, :func:`read_synth`, :func:`read_msd`, :func:`read_table`,
-:func:`read_source`, :func:`select_top_tags`, :data:`SOURCES`, :data:`SPLIT_POLICIES`,
-:data:`MTAT_KNOWN_BROKEN`, :data:`MSD_PATH_PATTERNS`, :data:`SYNTH_MARKER`.
+Public: :func:`read_mtat`, :func:`read_synth`, :func:`read_table`, :func:`read_source`,
+:func:`select_top_tags`, :data:`SOURCES`, :data:`MTAT_KNOWN_BROKEN`, :data:`SYNTH_MARKER`.
+
+The MSD adapter lives in :mod:`resemul_core.data.msd` (:func:`~resemul_core.data.msd.read_msd`,
+:data:`~resemul_core.data.msd.MSD_PATH_PATTERNS`), and the split policies the MTAT and MSD
+readers share in :mod:`resemul_core.data.metadata`
+(:data:`~resemul_core.data.metadata.SPLIT_POLICIES`); those names are importable from here too.
 
 An adapter reads only metadata (no audio) into a :class:`~resemul_core.data.metadata.Source`:
 which clips, where their audio is, their split and their 0/1 tag vector. Clips it leaves out
@@ -29,24 +33,31 @@ import pandas as pd
 
 from resemul_core.data.audio import AUDIO_EXTENSIONS
 from resemul_core.data.metadata import (
+    PAPER_MIN_DURATION,
     Source,
+    _check_policy,
+    _inside_root,
+    _skip,
     binary_matrix,
     drop_missing_audio,
     dropped_records,
     read_delimited,
     require_columns,
 )
+from resemul_core.data.metadata import SPLIT_POLICIES as SPLIT_POLICIES
+from resemul_core.data.msd import MSD_PATH_PATTERNS as MSD_PATH_PATTERNS
+from resemul_core.data.msd import read_msd
 from resemul_core.data.splits import MTAT_SPLIT_OF_FOLDER, mtat_split
 from resemul_core.data.store import SPLITS
-from resemul_core.data.tags import MSD_TOP50_TAGS, MTAT_TOP50_TAGS
+from resemul_core.data.tags import MTAT_TOP50_TAGS
 
+# read_msd, MSD_PATH_PATTERNS and SPLIT_POLICIES are imported above under their own names so
+# that existing imports from this module keep working; they are left out of __all__ so that the
+# API reference documents each once, in its own module.
 __all__ = [
-    "MSD_PATH_PATTERNS",
     "MTAT_KNOWN_BROKEN",
     "SOURCES",
-    "SPLIT_POLICIES",
     "SYNTH_MARKER",
-    "read_msd",
     "read_mtat",
     "read_source",
     "read_synth",
@@ -59,12 +70,6 @@ logger = logging.getLogger(__name__)
 #: The file the synthetic generators write next to their ``annotations_final.csv``
 #: (:data:`resemul_core.data.synth.PARAMS_FILE`): a folder holding it is dataset ``synth``.
 SYNTH_MARKER = "synth.json"
-
-#: ``paper``: Lee et al.'s split (specification §1.1/§1.2): also drop clips with less than 29.1 s of
-#: audio and MTAT's three known zero-byte files. ``resemul``: the official code's split.
-SPLIT_POLICIES = ("paper", "resemul")
-#: Seconds of audio a clip needs under the ``paper`` policy (poster: "29.1 s each").
-PAPER_MIN_DURATION = 29.1
 
 #: MTAT's three zero-byte mp3s (specification §1.1), as ``mp3_path`` values of
 #: annotations_final.csv.
@@ -81,23 +86,6 @@ _MTAT_EXPECTED = {
     "paper": {"source": (15_247, 1_529, 4_332), "store": (15_244, 1_529, 4_332)},
     "resemul": {"source": (15_250, 1_529, 4_332), "store": (15_247, 1_529, 4_332)},
 }
-
-#: Where :func:`read_msd` looks for a track's audio under ``audio_dir``, in order. Fields:
-#: ``{msd_id}`` (e.g. TRAAAAK128F9318786) and ``{stem}``: the 7digital path of Choi's
-#: ``*_x_filename.txt`` without its ``.npy`` (e.g. ``3/6/36122424``).
-MSD_PATH_PATTERNS = (
-    "{stem}.clip.mp3",
-    "{stem}.mp3",
-    "{msd_id}.mp3",
-    "{msd_id[2]}/{msd_id[3]}/{msd_id[4]}/{msd_id}.mp3",
-)
-
-
-def _check_policy(policy: str) -> None:
-    if policy not in SPLIT_POLICIES:
-        raise ValueError(
-            f"unknown split policy {policy!r}; valid policies: {', '.join(SPLIT_POLICIES)}"
-        )
 
 
 def select_top_tags(counts: pd.Series, top_k: int) -> list[str]:
@@ -137,6 +125,17 @@ def read_mtat(
     test (specification §1.1). Clips with none of the selected tags are dropped ('no tag'), as are
     listed clips whose mp3 does not exist ('missing file').
 
+    ``mp3_path`` is relative to the mp3 folders' parent by definition. It is normalised as text
+    (``c/../5/x.mp3`` is the clip ``5/x.mp3``, a train clip); one that is absolute or climbs
+    out of that folder with ``..`` is dropped ('path outside root') and its file is never
+    looked at. Symbolic links inside the folder are followed, wherever they point.
+
+    Each clip is taken once, from its first row: a later row with the same ``clip_id`` is
+    dropped ('duplicate clip_id'; a row repeated exactly is one of these), as is a later row
+    with another id but the same (normalised) ``mp3_path`` ('duplicate path'); the detail names
+    the earlier row. Rows dropped for these reasons do not count towards the tag frequencies.
+    A tag column named twice in the header is a ValueError naming the file and the column.
+
     Note:
         When the selected tags are exactly specification §1.1's 50, their order is taken from
         :data:`~resemul_core.data.tags.MTAT_TOP50_TAGS` (the official code's argsort order), so
@@ -151,28 +150,65 @@ def read_mtat(
     require_columns(frame, ["clip_id", "mp3_path"], file)
     tag_names = [c for c in frame.columns if c not in ("clip_id", "mp3_path")]
     matrix = binary_matrix(frame, tag_names, file)
-    counts = pd.Series(matrix.sum(axis=0, dtype=np.int64), index=tag_names)
+    audio_root = root / "mp3" if (root / "mp3").is_dir() else root
+
+    ids = frame["clip_id"].str.strip().tolist()
+    paths: list[str] = []
+    splits: list[str] = []
+    skipped: list[dict[str, Any]] = []
+    first_of_id: dict[str, int] = {}
+    first_of_path: dict[str, int] = {}
+    for row, (clip_id, written) in enumerate(zip(ids, frame["mp3_path"].str.strip(), strict=True)):
+        where = f"row {row + 1} of {file.name}"
+        path = _inside_root(written)
+        if path is None:
+            try:
+                split = mtat_split(written)
+            except ValueError:
+                split = ""
+            paths.append(written)
+            splits.append(split)
+            detail = f"{where}: {written!r} is not inside {audio_root}"
+            skipped.append(_skip(clip_id, written, split, "path outside root", detail))
+            continue
+        try:
+            split = mtat_split(path)
+        except ValueError as err:
+            also = f" (written {written!r})" if path != written else ""
+            raise ValueError(f"{file}: row {row + 1}: {err}{also}") from None
+        paths.append(path)
+        splits.append(split)
+        if clip_id in first_of_id:
+            first = first_of_id[clip_id]
+            detail = f"{where} repeats clip_id {clip_id!r} of row {first + 1}"
+            if frame.iloc[row].tolist() == frame.iloc[first].tolist():
+                detail += " (the whole row is identical)"
+            skipped.append(_skip(clip_id, path, split, "duplicate clip_id", detail))
+        elif path in first_of_path:
+            first = first_of_path[path]
+            detail = (
+                f"{where} repeats mp3_path {path!r} of row {first + 1} (clip_id {ids[first]!r})"
+            )
+            skipped.append(_skip(clip_id, path, split, "duplicate path", detail))
+        else:
+            first_of_id[clip_id] = first_of_path[path] = row
+    taken = np.zeros(len(frame), dtype=bool)
+    taken[list(first_of_id.values())] = True
+
+    counts = pd.Series(matrix[taken].sum(axis=0, dtype=np.int64), index=tag_names)
     tags = select_top_tags(counts, top_k)
     if set(tags) == set(MTAT_TOP50_TAGS):
         tags = list(MTAT_TOP50_TAGS)
     labels = matrix[:, [tag_names.index(t) for t in tags]]
 
-    paths = frame["mp3_path"].str.strip()
-    splits = []
-    for row, path in enumerate(paths):
-        try:
-            splits.append(mtat_split(path))
-        except ValueError as err:
-            raise ValueError(f"{file}: row {row + 1}: {err}") from None
-    clips = pd.DataFrame(
-        {"clip_id": frame["clip_id"].str.strip(), "path": paths, "split": splits}, index=paths.index
-    )
-    audio_root = root / "mp3" if (root / "mp3").is_dir() else root
+    clips = pd.DataFrame({"clip_id": ids, "path": paths, "split": splits}, index=frame.index)
     if not any((audio_root / c).is_dir() for c in MTAT_SPLIT_OF_FOLDER):
         raise FileNotFoundError(f"{root}: no mp3 folders 0..f found in {root / 'mp3'} or {root}")
-    no_tag = labels.sum(axis=1) == 0
-    dropped = dropped_records(clips, no_tag, "no tag", f"none of the {len(tags)} selected tags")
-    keep = ~no_tag
+    no_tag = (labels.sum(axis=1) == 0) & taken
+    dropped = skipped + dropped_records(
+        clips, no_tag, "no tag", f"none of the {len(tags)} selected tags"
+    )
+    keep = taken & ~no_tag
     if split_policy == "paper":
         broken = clips["path"].isin(MTAT_KNOWN_BROKEN).to_numpy() & keep
         dropped += dropped_records(
@@ -212,119 +248,6 @@ def read_mtat(
         len(tags),
         source.split_counts(),
         len(dropped),
-    )
-    return source
-
-
-def _read_lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def read_msd(
-    root: str | os.PathLike,
-    *,
-    audio_dir: str | os.PathLike | None = None,
-    split_policy: str = "paper",
-    path_patterns: Sequence[str] = MSD_PATH_PATTERNS,
-    min_duration: float = PAPER_MIN_DURATION,
-) -> Source:
-    """The Million Song Dataset's Last.fm top-50 split of Choi et al. (specification §1.2).
-
-    Args:
-        root: folder with Choi's split files (github keunwoochoi/MSD_split_for_tagging), per
-            split ``S`` in train, valid, test: ``S_x_msd_id.txt`` (one MSD track id a line),
-            ``S_y.npy`` (``(n, 50)`` 0/1, columns in the order of
-            :data:`~resemul_core.data.tags.MSD_TOP50_TAGS`) and, optionally, ``S_x_filename.txt``
-            (7digital paths such as ``3/6/36122424.npy``, same line order).
-        audio_dir: folder of the audio previews (default ``ROOT/audio``).
-        split_policy: 'paper' drops clips with less than 29.1 s of audio at prepare time
-            (Lee et al.'s filter); 'resemul' keeps every clip with at least one segment.
-        path_patterns: where a track's audio is looked for under ``audio_dir``, first match
-            wins; see :data:`MSD_PATH_PATTERNS` for the fields. Patterns using ``{stem}`` are
-            tried only when the ``S_x_filename.txt`` files exist.
-        min_duration: seconds of audio a clip needs under the 'paper' policy (29.1).
-
-    Tracks without audio are dropped ('missing file', with the paths searched); if no track
-    has audio at all, FileNotFoundError lists the patterns searched.
-
-    Note:
-        Lee et al. split Choi's training list into 201,680 train / 11,774 valid clips by a
-        file that is not public; this adapter keeps Choi's own train/valid lists (201,680 /
-        12,634 / 28,540 before the duration filter), so valid and train differ slightly from
-        the paper's.
-    """
-    _check_policy(split_policy)
-    root = Path(root)
-    audio_root = Path(audio_dir) if audio_dir is not None else root / "audio"
-    if not audio_root.is_dir():
-        raise FileNotFoundError(f"{audio_root}: no such MSD audio folder")
-    rows: list[pd.DataFrame] = []
-    matrices: list[np.ndarray] = []
-    for split in SPLITS:
-        ids = _read_lines(root / f"{split}_x_msd_id.txt")
-        y_file = root / f"{split}_y.npy"
-        if not y_file.is_file():
-            raise FileNotFoundError(f"{y_file}: no such file")
-        y = np.load(y_file)
-        if y.shape != (len(ids), len(MSD_TOP50_TAGS)):
-            raise ValueError(
-                f"{y_file}: expected shape ({len(ids)}, {len(MSD_TOP50_TAGS)}) to match"
-                f" {split}_x_msd_id.txt, found {y.shape}"
-            )
-        if not np.isin(y, (0, 1)).all():
-            raise ValueError(f"{y_file}: labels must be 0/1")
-        name_file = root / f"{split}_x_filename.txt"
-        stems = [""] * len(ids)
-        if name_file.is_file():
-            stems = [s.removesuffix(".npy") for s in _read_lines(name_file)]
-            if len(stems) != len(ids):
-                raise ValueError(
-                    f"{name_file}: {len(stems)} lines but {split}_x_msd_id.txt has {len(ids)}"
-                )
-        rows.append(pd.DataFrame({"clip_id": ids, "stem": stems, "split": split}))
-        matrices.append(y.astype(np.uint8))
-    frame = pd.concat(rows, ignore_index=True)
-    labels = np.concatenate(matrices)
-
-    patterns = [p for p in path_patterns if "{stem}" not in p or (frame["stem"] != "").all()]
-    if not patterns:
-        raise ValueError(f"no usable path pattern among {list(path_patterns)}")
-    found: list[str] = []
-    for msd_id, stem in zip(frame["clip_id"], frame["stem"], strict=True):
-        candidates = [p.format(msd_id=msd_id, stem=stem) for p in patterns]
-        found.append(next((c for c in candidates if (audio_root / c).is_file()), ""))
-    frame["path"] = found
-    exists = (frame["path"] != "").to_numpy()
-    if not exists.any():
-        raise FileNotFoundError(
-            f"no MSD audio found under {audio_root}; searched patterns {patterns}"
-        )
-    dropped = dropped_records(
-        frame,
-        ~exists,
-        "missing file",
-        f"no file under {audio_root} matching {patterns}",
-    )
-    clips = frame.loc[exists, ["clip_id", "path", "split"]].reset_index(drop=True)
-    source = Source(
-        dataset="msd",
-        root=audio_root,
-        tags=list(MSD_TOP50_TAGS),
-        clips=clips,
-        labels=labels[exists],
-        dropped=dropped,
-        min_duration=min_duration if split_policy == "paper" else None,
-        options={
-            "root": str(root),
-            "audio_dir": str(audio_root),
-            "split_policy": split_policy,
-            "path_patterns": list(patterns),
-        },
-    )
-    logger.info(
-        "MSD: clips train/valid/test %s, %d without audio", source.split_counts(), len(dropped)
     )
     return source
 
@@ -372,7 +295,9 @@ def read_table(
 
     Args:
         table: a CSV (comma) or TSV (``.tsv``/``.tab``/``.txt``: tab) file with a header.
-        path_column: column of audio paths, relative to the table's folder or absolute.
+        path_column: column of audio paths, relative to the table's folder or absolute. Unlike
+            MTAT's and MSD's, they may point anywhere (an absolute path, or ``..`` out of the
+            table's folder): the table's author chose those files.
         id_column: column of clip ids (default: the path).
         split_column: column of 'train'/'valid'/'test' ('val', 'validation' accepted). If the
             table has no such column, clips are split at random (see ``fractions``).
@@ -389,7 +314,8 @@ def read_table(
         sep: field separator, overriding the one implied by the file extension.
 
     Clips whose audio file does not exist are dropped ('missing file'); if none exists,
-    FileNotFoundError.
+    FileNotFoundError. A clip id that occurs twice, or a column named twice in the header, is
+    a ValueError.
     """
     table = Path(table)
     frame = read_delimited(table, sep=sep)

@@ -102,6 +102,7 @@ from resemul_core.data.audio import dbfs, rms
 from resemul_core.data.splits import mtat_split
 from resemul_core.data.synth_audio import INSTRUMENTS, render_clip
 from resemul_core.files import atomic_write, write_json, write_text
+from resemul_core.workers import exit_with_parent
 
 __all__ = ["DEFAULT_NUM_CLIPS", "SYNTH_TAGS", "PARAMS_FILE", "ensure_dataset", "generate_dataset"]
 
@@ -324,7 +325,9 @@ def map_in_processes(
     # spawn: a fresh interpreter is safe even when the caller holds threads (notebooks, torch),
     # where fork can deadlock.
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=exit_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         yield from pool.map(function, jobs, chunksize=chunksize)
 
 

@@ -2,18 +2,38 @@
 
 Only this module and :mod:`resemul_core.interfaces.cli_data` (the ``data`` and
 ``import-keras`` subcommands) print; the library functions they call log and return values.
-Each concern registers its subcommands with one ``add_*_commands(subparsers)`` function.
+Each concern registers its subcommands with one ``add_*_commands(subparsers)`` function; how
+:func:`main` reports a failure (one line, exit status 2) is
+:mod:`resemul_core.interfaces.cli_errors`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from resemul_core.config import PRECISIONS
-from resemul_core.interfaces.cli_data import add_data_commands, add_keras_commands, print_table
+from resemul_core.interfaces.cli_data import (
+    add_data_commands,
+    add_keras_commands,
+    device_name,
+    int_at_least,
+    output_dir,
+    positive_float,
+    print_table,
+    seed,
+)
+from resemul_core.interfaces.cli_errors import (
+    _EPILOG,
+    _command_name,
+    _error_message,
+    _Parser,
+    _print_traceback,
+    _rerun_advice,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -23,9 +43,15 @@ __all__ = ["main", "build_parser"]
 
 def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the twelve variants and their parameter counts")
-    p.add_argument("--num-tags", type=int, default=50, help="number of output tags (default 50)")
-    p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = paper)")
-    p.add_argument("--alpha", type=float, default=16.0, help="SE expansion ratio (16 = paper)")
+    p.add_argument(
+        "--num-tags", type=int_at_least(1), default=50, help="number of output tags (default 50)"
+    )
+    p.add_argument(
+        "--width", type=positive_float, default=1.0, help="channel multiplier (1.0 = paper)"
+    )
+    p.add_argument(
+        "--alpha", type=positive_float, default=16.0, help="SE expansion ratio (16 = paper)"
+    )
     p.set_defaults(func=_cmd_models)
 
 
@@ -49,9 +75,16 @@ def add_excitation_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="run directory or .pt file")
     p.add_argument("--data", required=True, metavar="STORE", help="segment store directory")
     p.add_argument("--split", default="test", help="split to analyse (default: test)")
-    p.add_argument("--out", metavar="DIR", help="output directory (default: RUN/excitations)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, default=64, help="segments per forward pass")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        type=output_dir,
+        help="output directory (default: RUN/excitations)",
+    )
+    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--batch-size", type=int_at_least(1), default=64, help="segments per forward pass"
+    )
     p.add_argument(
         "--loudness",
         choices=("rms", "db"),
@@ -124,7 +157,9 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--variant", help="e.g. rese2-multi (see 'resemul models'); fresh runs only")
     p.add_argument("--data", required=True, help="segment store directory")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, log.csv)")
+    p.add_argument(
+        "--out", required=True, type=output_dir, help="run directory (checkpoints, log.csv)"
+    )
     p.add_argument(
         "--profile",
         help="paper | demo | gpu | tiny (default: paper; a resumed run keeps its own)",
@@ -136,14 +171,18 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
         help="require a run in --out to continue (by default one is continued if present)",
     )
     resume.add_argument("--overwrite", action="store_true", help="replace a run in --out")
-    p.add_argument("--max-steps", type=int, help="stop (resumably) after N steps of this call")
+    p.add_argument(
+        "--max-steps", type=int_at_least(1), help="stop (resumably) after N steps of this call"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("everyday settings (shortcuts for --set)")
-    g.add_argument("--seed", type=int, help="seeds weights, data order and dropout")
-    g.add_argument("--width", type=float, help="channel multiplier (1.0 = paper)")
-    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--seed", type=seed, help="seeds weights, data order and dropout")
+    g.add_argument("--width", type=positive_float, help="channel multiplier (1.0 = paper)")
+    g.add_argument("--device", type=device_name, help="auto | cpu | cuda | cuda:N")
     g.add_argument("--precision", choices=PRECISIONS, help="fp32 (the paper's), tf32 or bf16")
-    g.add_argument("--workers", type=int, help="DataLoader worker processes")
+    g.add_argument(
+        "--workers", type=int_at_least(0), help="DataLoader worker processes (0: in-process)"
+    )
     g.add_argument(
         "--compile",
         action="store_true",
@@ -169,10 +208,14 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="run directory (its best.pt) or checkpoint file")
     p.add_argument("--data", required=True, help="segment store directory")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    p.add_argument("--out", help="folder for metrics.json (default: the run directory)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--clips-per-batch", type=int, default=16, help="clips per forward pass")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument(
+        "--out", type=output_dir, help="folder for metrics.json (default: the run directory)"
+    )
+    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--clips-per-batch", type=int_at_least(1), default=16, help="clips per forward pass"
+    )
+    p.add_argument("--workers", type=int_at_least(0), default=0, help="DataLoader worker processes")
     p.add_argument("--per-tag", action="store_true", help="also print every tag's scores")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
@@ -184,17 +227,19 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("runs", help="folder of run directories (or of seed<N> folders of them)")
     p.add_argument("--data", required=True, help="segment store directory")
     p.add_argument("--variants", default="", help="subset, e.g. 'se se-multi' (default: all)")
-    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of clips")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--resamples", type=int_at_least(1), default=2000, help="bootstrap resamples of clips"
+    )
+    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("tag", help="tag audio files with a trained model")
     p.add_argument("files", nargs="+", metavar="FILE", help="mp3, wav, flac or ogg files")
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
-    p.add_argument("--top-k", type=int, default=5, help="tags per file (0: all)")
+    p.add_argument("--top-k", type=int_at_least(0), default=5, help="tags per file (0: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument(
         "--all-segments",
         action="store_true",
@@ -210,11 +255,8 @@ def _setting_names() -> list[str]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import os
-
     from resemul_core.interfaces.pipeline import fit
     from resemul_core.profiles import parse_overrides
-    from resemul_core.training.state import TrainingDiverged
 
     shortcuts = {
         "seed": args.seed,
@@ -230,21 +272,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 logs and reports
     if rank > 0:
         logging.getLogger("resemul_core").setLevel(logging.WARNING)
-    try:
-        run = fit(
-            args.data,
-            args.out,
-            variant=args.variant,
-            profile=args.profile,
-            overrides=overrides,
-            resume=True if args.resume else "auto",
-            overwrite=args.overwrite,
-            max_steps=args.max_steps,
-            progress=not args.no_progress,
-        )
-    except (FileExistsError, TrainingDiverged) as err:
-        print(f"resemul train: error: {err}", file=sys.stderr)
-        return 1
+    run = fit(  # its errors (a run in the way, a diverged loss, ...) are main's to report
+        args.data,
+        args.out,
+        variant=args.variant,
+        profile=args.profile,
+        overrides=overrides,
+        resume=True if args.resume else "auto",
+        overwrite=args.overwrite,
+        max_steps=args.max_steps,
+        progress=not args.no_progress,
+    )
     if rank > 0:
         return 0
     result = run.result
@@ -319,8 +357,6 @@ def _cmd_tag(args: argparse.Namespace) -> int:
     from resemul_core.data.audio import AudioDecodeError
     from resemul_core.interfaces.tagger import Tagger
 
-    if args.top_k < 0:
-        raise ValueError("--top-k must be >= 0")
     segments = None if args.all_segments else "checkpoint"
     tagger = Tagger.from_checkpoint(args.checkpoint, device=args.device, segments_per_clip=segments)
     top_k = args.top_k or None
@@ -353,11 +389,14 @@ COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="resemul",
         description="Sample-level CNNs for music auto-tagging (Kim, Lee & Nam, ICASSP 2018).",
+        epilog=_EPILOG,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug messages; tracebacks of errors"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMAND_GROUPS:
         add(sub)
@@ -365,15 +404,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``resemul`` command; its exit status.
+
+    0 on success; 2 for an error the user can cause (an invalid argument or file, a run in
+    the way, a full disk, a diverged run), reported in one line on stderr; 130 when
+    interrupted. Bugs raise, with their traceback.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    command = _command_name(args)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"resemul {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        _print_traceback(args)
+        print(f"resemul {command}: interrupted; {_rerun_advice(args)}", file=sys.stderr)
+        return 130
+    except Exception as err:
+        message = _error_message(err, args)
+        if message is None:
+            raise
+        _print_traceback(args)
+        print(f"resemul {command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -1,16 +1,25 @@
 """Checkpoints: one self-describing file per model, loadable with ``weights_only=True``.
 
-Public: :func:`save_checkpoint`, :func:`read_checkpoint`, :func:`load_checkpoint`,
-:func:`upgrade_state_dict`, :class:`CheckpointError`.
+Public: :func:`save_checkpoint`, :func:`save_payload`, :func:`read_checkpoint`,
+:func:`load_checkpoint`, :func:`upgrade_state_dict`, :func:`content_checksum`,
+:class:`CheckpointError`.
 
 A checkpoint is a dict of plain Python values and tensors::
 
-    {"format": "resemul-checkpoint", "version": 2,
+    {"format": "resemul-checkpoint", "version": 3,
      "model_config": {...ModelConfig fields...}, "model_state": {...state_dict...},
-     "tags": ["guitar", ...] or None, ...anything the writer adds (training state)...}
+     "tags": ["guitar", ...] or None, ...anything the writer adds (training state)...,
+     "checksum": "<sha256 of everything else>"}
 
-Versions: 2 names the model's layers (``stem.conv``, ``blocks.3.conv1``, ``head.fc2``, ...);
-1 numbered them as ``nn.Sequential`` entries (``stem.0``, ``blocks.3.main.0``, ``head.0``).
+Integrity: torch's zip container has CRCs that its reader never checks, so one flipped bit
+in a weight loads silently. Version 3 therefore carries a sha256 of its whole content
+(:func:`content_checksum`: every tensor's dtype, shape and bytes, every other value's type
+and ``repr``), and every read recomputes it: a damaged file is a :class:`CheckpointError`
+naming it, never a model with one wrong weight.
+
+Versions: 3 adds the checksum; 2 names the model's layers (``stem.conv``, ``blocks.3.conv1``,
+``head.fc2``, ...); 1 numbered them as ``nn.Sequential`` entries (``stem.0``,
+``blocks.3.main.0``, ``head.0``). Files of versions 1 and 2 have no checksum to verify.
 Version 1 files are read by renaming their ``model_state`` keys (:func:`upgrade_state_dict`);
 the parameter order is the same in both, so an optimizer state saved with version 1 (keyed by
 parameter index) still fits.
@@ -18,7 +27,9 @@ parameter index) still fits.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,7 +43,9 @@ from resemul_core.model.sample_cnn import SampleCNN
 
 __all__ = [
     "CheckpointError",
+    "content_checksum",
     "save_checkpoint",
+    "save_payload",
     "read_checkpoint",
     "load_checkpoint",
     "upgrade_state_dict",
@@ -40,9 +53,11 @@ __all__ = [
 
 
 CHECKPOINT_FORMAT = "resemul-checkpoint"
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 #: Versions :func:`read_checkpoint` reads; older ones are upgraded to the current one.
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
+#: The first version that carries a checksum.
+CHECKSUM_VERSION = 3
 
 # Version 1 state-dict names (nn.Sequential indices) -> version 2 names.
 _V1_KEY = re.compile(
@@ -59,6 +74,34 @@ _V1_NAMES = {
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the reason."""
+
+
+def _feed(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, Mapping):
+        digest.update(f"{{{len(value)};".encode())
+        for key in sorted(value, key=repr):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"[{len(value)};".encode())
+        for item in value:
+            _feed(digest, item)
+    else:  # str, int, float, bool, None (what a weights-only load can hold besides tensors)
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+
+def content_checksum(payload: Mapping[str, Any]) -> str:
+    """sha256 over a checkpoint payload's content, its ``checksum`` entry left out.
+
+    Independent of where tensors live (CPU or GPU) and of the order of dict entries.
+    """
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in payload.items() if k != "checksum"})
+    return digest.hexdigest()
 
 
 def upgrade_state_dict(state: Mapping[str, Any], config: ModelConfig) -> dict[str, Any]:
@@ -120,10 +163,35 @@ def save_checkpoint(
         "tags": list(tags) if tags is not None else None,
         **extra,
     }
+    return save_payload(path, payload)
+
+
+def save_payload(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
+    """Atomically write a checkpoint payload as the current version, with a fresh checksum.
+
+    :func:`save_checkpoint` builds the payload from a model; this writes one that was read
+    (:func:`read_checkpoint`) and changed, e.g. to convert or repair a file.
+    """
+    payload = {**payload, "version": CHECKPOINT_VERSION}
+    payload["checksum"] = content_checksum(payload)
     path = Path(path)
     with atomic_write(path) as handle:
         torch.save(payload, handle)
     return path
+
+
+def _load_error(path: Path, err: Exception) -> CheckpointError:
+    """One sentence for a file torch cannot load; never torch's advice to load it unsafely."""
+    if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err).lower():
+        return CheckpointError(
+            f"checkpoint {path} holds Python objects that a resemul checkpoint never contains "
+            "(it was made by other software, or tampered with); it was refused unread, since "
+            "loading it could run arbitrary code"
+        )
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return CheckpointError(
+        f"checkpoint {path} is corrupted or truncated and cannot be read ({reason[:160]})"
+    )
 
 
 def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
@@ -142,9 +210,7 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch's unpickler fails on junk with many exception types
-        raise CheckpointError(
-            f"checkpoint {path} is corrupted or truncated and cannot be read ({err})"
-        ) from err
+        raise _load_error(path, err) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a resemul checkpoint (no '{CHECKPOINT_FORMAT}' tag)")
     version = payload.get("version")
@@ -153,6 +219,17 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
             f"checkpoint {path} has format version {version}, this library reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
+    if version >= CHECKSUM_VERSION:
+        if "checksum" not in payload:
+            raise CheckpointError(
+                f"checkpoint {path} (format version {version}) lacks its checksum: damaged"
+            )
+        if payload["checksum"] != content_checksum(payload):
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: its content does not match its checksum (a "
+                "flipped bit on disk, or an edit); use another copy, or resume from an earlier "
+                "checkpoint"
+            )
     if version != CHECKPOINT_VERSION and "model_state" in payload:
         try:
             config = ModelConfig.from_dict(payload["model_config"])
@@ -163,6 +240,7 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
                 f"{CHECKPOINT_VERSION}: {err!r}"
             ) from err
     payload["version"] = CHECKPOINT_VERSION
+    payload.pop("checksum", None)  # verified; the payload may now be changed and re-saved
     return payload
 
 

@@ -24,6 +24,7 @@ How the file's layers are put into that order:
 
 from __future__ import annotations
 
+import errno
 import heapq
 import json
 import logging
@@ -360,13 +361,18 @@ def read_keras_file(path: str | os.PathLike) -> KerasFile:
 
     Raises:
         FileNotFoundError: no such file.
+        IsADirectoryError: ``path`` is a directory.
+        PermissionError: the file may not be read.
         KerasImportError: not an HDF5 file, truncated, or no Keras weights in it.
     """
     import h5py  # only this module needs it
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a Keras HDF5 file", str(path))
     if not path.is_file():
         raise FileNotFoundError(f"Keras file {path} does not exist")
+    path.open("rb").close()  # an unreadable file is a PermissionError, not "not HDF5"
     try:
         handle = h5py.File(path, "r")
     except OSError as err:

@@ -20,6 +20,7 @@ ours reads ``(B, 59049)``, so only the weights change layout.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -303,7 +304,17 @@ def convert_keras_checkpoint(
     Returns:
         ``out`` as a Path. The checkpoint's ``keras_import`` entry records the source file's
         name and SHA-256, its Keras version and backend, and how the layer order was found.
+
+    Raises:
+        IsADirectoryError: ``out`` is a directory (checked before the file is read).
     """
+    out = Path(out)
+    if out.is_dir():
+        raise IsADirectoryError(
+            errno.EISDIR,
+            f"is a directory, not a checkpoint file to write (e.g. {out / f'{variant}.pt'})",
+            str(out),
+        )
     model, kfile = _import(path, variant, model_options)
     return save_checkpoint(
         out,

@@ -52,6 +52,7 @@ from tqdm import tqdm
 from resemul_core.config import RunConfig
 from resemul_core.data.datasets import SegmentBatches, SegmentDataset
 from resemul_core.data.store import SegmentStore, open_store
+from resemul_core.locks import directory_lock
 from resemul_core.model.inference import run_model
 from resemul_core.runtime import (
     autocast,
@@ -81,6 +82,7 @@ from resemul_core.training.state import (
     TrainResult,
     _Run,
     _start_run,
+    check_fits_store,
     saved_run_config,
 )
 
@@ -193,7 +195,14 @@ def train(
         sync_bn=requested.runtime.sync_bn,
     )
     device = select_device(requested.runtime.device)  # resolved once, here
-    with process_group(cuda=device.type == "cuda") as ranks:
+    if not resume:
+        check_fits_store(requested.model, store)  # before the run directory is created
+    # the audio this run reads, against its digests: a damaged store must not train silently
+    store.verify_clips(
+        np.concatenate([store.split_indices("train"), store.split_indices("valid")]),
+        progress=progress and _is_main_process(),
+    )
+    with _run_dir_lock(run_dir), process_group(cuda=device.type == "cuda") as ranks:
         run = _start_run(
             store,
             run_dir,
@@ -205,6 +214,18 @@ def train(
         )
         with deterministic_algorithms(run.config.runtime.deterministic):
             return _fit(run, train_set, val_set, max_steps=max_steps, progress=progress)
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a ``torchrun`` launch, or a plain process (known before the group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _run_dir_lock(run_dir: Path) -> contextlib.AbstractContextManager:
+    """The run directory's lock, held by rank 0 (or the only process) while it trains: a
+    second ``train`` into the same directory stops at once instead of mixing its checkpoints
+    with this one's (:mod:`resemul_core.locks`)."""
+    return directory_lock(run_dir, "train") if _is_main_process() else contextlib.nullcontext()
 
 
 def _fit(

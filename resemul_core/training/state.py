@@ -117,9 +117,46 @@ def _audio_info(store: SegmentStore) -> dict[str, Any]:
 
 
 def saved_run_config(run_dir: str | os.PathLike) -> RunConfig:
-    """The :class:`~resemul_core.config.RunConfig` stored in ``RUN_DIR/last.pt``."""
+    """The :class:`~resemul_core.config.RunConfig` stored in ``RUN_DIR/last.pt``.
+
+    Raises:
+        FileNotFoundError: there is no ``last.pt``; the message says whether ``run_dir`` holds
+            a run that stopped before its first checkpoint, or no run at all.
+        CheckpointError: ``last.pt`` is unreadable or holds no run config.
+    """
     path = Path(run_dir) / LAST_CHECKPOINT
+    if not path.is_file():
+        raise _no_checkpoint_error(Path(run_dir))
     return _payload_config(read_checkpoint(path), path)
+
+
+# The files a run writes into its directory (metrics and predictions come from evaluation).
+_RUN_FILES = (BEST_CHECKPOINT, LAST_CHECKPOINT, RUN_LOG, RUN_CONFIG)
+
+
+def _run_files(run_dir: Path) -> list[str]:
+    """The names of the run files present in ``run_dir``."""
+    return [name for name in _RUN_FILES if (run_dir / name).exists()]
+
+
+def _before_first_checkpoint(run_dir: Path, present: list[str]) -> str:
+    """Says that ``run_dir`` holds a run killed (or failed) before its first ``last.pt``."""
+    return (
+        f"run directory {run_dir} holds a run that stopped before its first checkpoint "
+        f"({', '.join(present)}, no {LAST_CHECKPOINT}): there is nothing to resume; start it "
+        "again with overwrite=True (--overwrite)"
+    )
+
+
+def _no_checkpoint_error(run_dir: Path) -> FileNotFoundError:
+    """The error of a resume from ``run_dir`` that has no ``last.pt``, saying what is there."""
+    present = _run_files(run_dir)
+    if present:
+        return FileNotFoundError(f"cannot resume: {_before_first_checkpoint(run_dir, present)}")
+    return FileNotFoundError(
+        f"cannot resume: {run_dir / LAST_CHECKPOINT} does not exist (no run in {run_dir}; "
+        "start one without resume=True (--resume))"
+    )
 
 
 def _payload_config(payload: Mapping[str, Any], path: Path) -> RunConfig:
@@ -153,7 +190,7 @@ def _read_resume_state(
     continue with is the saved one with ``config``'s runtime (if given)."""
     path = run_dir / LAST_CHECKPOINT
     if not path.is_file():
-        raise FileNotFoundError(f"cannot resume: {path} does not exist")
+        raise _no_checkpoint_error(run_dir)
     payload = read_checkpoint(path)
     try:
         if payload.get("kind") != "train-state":
@@ -187,12 +224,13 @@ def _claim_run_dir(run_dir: Path, *, overwrite: bool, ranks: Ranks) -> None:
 
     Every rank looks (so that all raise together); rank 0 alone clears the directory.
     """
-    ours = [BEST_CHECKPOINT, LAST_CHECKPOINT, RUN_LOG, RUN_CONFIG]
-    present = [name for name in ours if (run_dir / name).exists()]
+    present = _run_files(run_dir)
     if present and not overwrite:
+        if LAST_CHECKPOINT not in present:
+            raise FileExistsError(_before_first_checkpoint(run_dir, present))
         raise FileExistsError(
-            f"run directory {run_dir} already holds a run ({', '.join(present)}); "
-            "resume it, or overwrite it explicitly"
+            f"run directory {run_dir} already holds a run ({', '.join(present)}); continue it "
+            "with resume=True (--resume), or replace it with overwrite=True (--overwrite)"
         )
     ranks.barrier()  # nobody looks any more when rank 0 deletes
     if ranks.is_main:
@@ -256,6 +294,12 @@ class _Run:
             )
         self.ranks.barrier()
 
+    def _last_saved(self) -> str:
+        """Where a diverged run stands: its last checkpoint, or that it has none yet."""
+        if self.last_path.is_file():
+            return f"the last checkpoint {self.last_path} predates it"
+        return f"no checkpoint was written yet ({self.last_path} does not exist)"
+
     def record_losses(self, pending: list[torch.Tensor]) -> None:
         """Add the pending batch losses to the epoch's sum; stop on a NaN/inf, naming its step.
 
@@ -268,8 +312,7 @@ class _Run:
                 step = self.state.global_step - len(values) + i + 1
                 raise TrainingDiverged(
                     f"training loss is {value} at global step {step} (stage "
-                    f"{self.state.stage.stage}, epoch {self.state.epoch}); the last checkpoint "
-                    f"{self.last_path} predates it"
+                    f"{self.state.stage.stage}, epoch {self.state.epoch}); {self._last_saved()}"
                 )
             self.state.loss_sum += value
         pending.clear()
@@ -280,7 +323,7 @@ class _Run:
         if not math.isfinite(val_loss):
             raise TrainingDiverged(
                 f"validation loss is {val_loss} after epoch {state.epoch} (global step "
-                f"{state.global_step}); the last checkpoint {self.last_path} predates it"
+                f"{state.global_step}); {self._last_saved()}"
             )
         update = update_stage(
             state.stage,
