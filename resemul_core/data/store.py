@@ -55,7 +55,7 @@ from resemul_core.data.integrity import (
     slot_problem,
     store_fingerprint,
 )
-from resemul_core.files import atomic_write, write_json
+from resemul_core.files import atomic_write, output_error, pwrite_all, write_json
 
 __all__ = [
     "STORE_FORMAT",
@@ -428,24 +428,30 @@ def write_store_from_arrays(
     ids = [str(c) for c in clip_ids] if clip_ids is not None else [str(i) for i in range(n)]
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)
-    # Quantised clip by clip into a memory-mapped temporary file, then renamed into place:
-    # memory holds one clip at a time, never a second copy of every waveform (the same
-    # bytes as np.save of the whole array; unwritten slots of the sparse file read as 0).
+    # Quantised clip by clip into a sparse temporary file, then renamed into place: memory
+    # holds one clip at a time, never a second copy of every waveform (the same bytes as
+    # np.save of the whole array; unwritten slots read as 0). Slots are written with checked
+    # pwrites, not through a memory map, whose writes to a full disk end the process (SIGBUS).
     tmp = out / ".segments.npy.tmp"
+    target = out / "segments.npy"
     digests = []
     try:
-        segments = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype="<i2", shape=(n, per_clip, length)
-        )
-        for i, w in enumerate(waveforms):
-            q = quantize(w)
-            segments[i, : len(q)] = q
-            digests.append(clip_digest(q))
-        segments.flush()
-        del segments
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, out / "segments.npy")
+        header = np.lib.format.open_memmap(tmp, mode="w+", dtype="<i2", shape=(n, per_clip, length))
+        offset, slot_bytes = header.offset, per_clip * length * 2
+        del header
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            for i, w in enumerate(waveforms):
+                q = quantize(w)
+                pwrite_all(fd, q.astype("<i2").tobytes(), offset + i * slot_bytes, path=target)
+                digests.append(clip_digest(q))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise output_error(err, target) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
