@@ -102,6 +102,9 @@ def directory_lock(directory: str | os.PathLike, purpose: str) -> Iterator[Path]
         raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(directory))
     try:
         directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise output_error(err, directory) from err
+    try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     except OSError as err:
         raise output_error(err, path) from err
