@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"verify every clip (digest + zero padding): {v:.2f} s ({mb / v:,.0f} MB/s)")
     print(f"ratio verify / baseline: {v / p:.2f}")
     mtat = MTAT_CLIPS * SEGMENTS * LENGTH * 2 / 1e6
-    print(f"MTAT's {MTAT_CLIPS:,} clips ({mtat / 1e3:.1f} GB) at this rate: {mtat / (mb / v):.0f} s")
+    seconds = mtat / (mb / v)
+    print(f"MTAT's {MTAT_CLIPS:,} clips ({mtat / 1e3:.1f} GB) at this rate: {seconds:.0f} s")
 
 
 if __name__ == "__main__":

@@ -534,3 +534,15 @@ def test_msd_duplicates_and_paths_outside_the_root_are_dropped_and_listed(tmp_pa
         ("TRGGGGG128F00007", "valid", "duplicate path",
          "'5/6/56.mp3' is already the audio of TRCCCCC128F00003 (track 1 of valid_x_msd_id.txt)"),
     ]  # fmt: skip
+
+
+def test_msd_ids_too_short_for_the_path_patterns_are_skipped(tmp_path):
+    make_msd(tmp_path)
+    write_msd_split(tmp_path, "valid", ["TRCCCCC128F00003", "TR1"], ["5/6/56", ""])
+    source = read_msd(tmp_path)
+    assert "TR1" not in source.clips["clip_id"].tolist()
+    assert [(d["clip_id"], d["reason"], d["detail"]) for d in source.dropped][0] == (
+        "TR1",
+        "malformed id",
+        "track 2 of valid_x_msd_id.txt: 'TR1' is not a Million Song Dataset track id",
+    )

@@ -140,7 +140,12 @@ def read_msd(
             skipped.append(_skip(msd_id, "", split, "duplicate clip_id", detail))
             continue
         first_of_id[msd_id] = row
-        candidates = [p.format(msd_id=msd_id, stem=stem) for p in patterns]
+        try:
+            candidates = [p.format(msd_id=msd_id, stem=stem) for p in patterns]
+        except IndexError:  # an id too short for a pattern's {msd_id[4]}: not an MSD id
+            detail = f"{at}: {msd_id!r} is not a Million Song Dataset track id"
+            skipped.append(_skip(msd_id, "", split, "malformed id", detail))
+            continue
         inside = [_inside_root(c) for c in candidates]
         if None in inside:
             outside = candidates[inside.index(None)]
