@@ -82,6 +82,26 @@ def _describe(owner: dict) -> str:
     )
 
 
+def _acquire(fd: int, directory: Path, path: Path, purpose: str) -> None:
+    """``flock`` ``fd`` or raise :class:`DirectoryBusy` naming the holder. A holder that has
+    locked but not yet written its name, or has just released and cleared it, leaves the file
+    empty for a moment: try again briefly before calling it busy."""
+    owner: dict = {}
+    for _ in range(20):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            owner = _owner(fd)
+            if owner:
+                break
+            time.sleep(0.05)
+    raise DirectoryBusy(
+        f"{directory} is in use by {_describe(owner)}, which holds its lock {path}; wait for "
+        f"it to finish or stop it, then run {purpose} again"
+    )
+
+
 @contextlib.contextmanager
 def directory_lock(directory: str | os.PathLike, purpose: str) -> Iterator[Path]:
     """Hold ``directory``'s lock (creating the directory) while the block runs.
@@ -109,13 +129,7 @@ def directory_lock(directory: str | os.PathLike, purpose: str) -> Iterator[Path]
     except OSError as err:
         raise output_error(err, path) from err
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DirectoryBusy(
-                f"{directory} is in use by {_describe(_owner(fd))}, which holds its lock "
-                f"{path}; wait for it to finish or stop it, then run {purpose} again"
-            ) from None
+        _acquire(fd, directory, path, purpose)
         stale = _owner(fd)
         if stale:
             logger.warning(
