@@ -1,6 +1,6 @@
 """Worker processes that never outlive the process that started them.
 
-Public: :func:`exit_with_parent`.
+Public: :func:`exit_with_parent`, :func:`available_cpus`.
 
 A ``ProcessPoolExecutor`` worker whose parent is SIGKILLed stays alive, blocked on its task
 pipe, holding its memory and open files (a deleted ``segments.npy``, a directory lock) for
@@ -14,10 +14,17 @@ import os
 import threading
 import time
 
-__all__ = ["exit_with_parent"]
+__all__ = ["available_cpus", "exit_with_parent"]
 
 #: How often a worker looks at its parent, seconds: the longest an orphan lives.
 POLL_SECONDS = 0.5
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 def _watch(parent: int, poll_seconds: float) -> None:

@@ -56,6 +56,7 @@ from resemul_core.data.integrity import (
     store_fingerprint,
 )
 from resemul_core.files import atomic_write, output_error, pwrite_all, write_json
+from resemul_core.workers import available_cpus
 
 __all__ = [
     "STORE_FORMAT",
@@ -179,8 +180,7 @@ class SegmentStore:
                 segments[i].tobytes(), self.num_segments(i), self.segment_length, str(digests[i])
             )
 
-        threads = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                             else (os.cpu_count() or 1)))  # fmt: skip
+        threads = min(8, available_cpus())
         bar = tqdm(total=len(todo), desc="verify", unit="clip", disable=not progress, leave=False)
         with ThreadPoolExecutor(threads) as pool, bar:
             for i, found in zip(todo, pool.map(problem, todo), strict=True):

@@ -102,7 +102,7 @@ from resemul_core.data.audio import dbfs, rms
 from resemul_core.data.splits import mtat_split
 from resemul_core.data.synth_audio import INSTRUMENTS, render_clip
 from resemul_core.files import atomic_write, write_json, write_text
-from resemul_core.workers import exit_with_parent
+from resemul_core.workers import available_cpus, exit_with_parent
 
 __all__ = ["DEFAULT_NUM_CLIPS", "SYNTH_TAGS", "PARAMS_FILE", "ensure_dataset", "generate_dataset"]
 
@@ -308,9 +308,7 @@ def worker_count(workers: int | None, jobs: int) -> int:
     """Processes for ``jobs`` jobs: ``workers`` (``None``: one per available CPU), at least one
     and at most ``jobs``."""
     if workers is None:
-        workers = (
-            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        )
+        workers = available_cpus()
     return max(1, min(int(workers or 1), jobs))
 
 
