@@ -26,6 +26,7 @@ from resemul_core.interfaces.cli_data import (
     print_table,
     seed,
 )
+from resemul_core.interfaces.cli_tag import add_tag_commands
 from resemul_core.interfaces.cli_errors import (
     _EPILOG,
     _command_name,
@@ -234,19 +235,6 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_compare)
 
-    p = sub.add_parser("tag", help="tag audio files with a trained model")
-    p.add_argument("files", nargs="+", metavar="FILE", help="mp3, wav, flac or ogg files")
-    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint file")
-    p.add_argument("--top-k", type=int_at_least(0), default=5, help="tags per file (0: all)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument(
-        "--all-segments",
-        action="store_true",
-        help="average over every segment of the file, not the first 10 (training's count)",
-    )
-    p.set_defaults(func=_cmd_tag)
-
 
 def _setting_names() -> list[str]:
     from resemul_core.profiles import setting_names
@@ -351,40 +339,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_tag(args: argparse.Namespace) -> int:
-    import json
-
-    from resemul_core.data.audio import AudioDecodeError
-    from resemul_core.interfaces.tagger import Tagger
-
-    segments = None if args.all_segments else "checkpoint"
-    tagger = Tagger.from_checkpoint(args.checkpoint, device=args.device, segments_per_clip=segments)
-    top_k = args.top_k or None
-    results, failed = [], 0
-    for file in args.files:
-        try:
-            tags = tagger.tag(file, top_k=top_k)
-        except (AudioDecodeError, FileNotFoundError) as err:
-            print(f"resemul tag: error: {err}", file=sys.stderr)
-            failed += 1
-            continue
-        results.append({"file": file, "tags": [{"tag": t, "probability": p} for t, p in tags]})
-        if not args.json:
-            print(file)
-            width = max(len(t) for t, _ in tags)
-            for tag, prob in tags:
-                print(f"  {tag.ljust(width)}  {prob:.3f}")
-    if args.json:
-        print(json.dumps(results, indent=2))
-    return 1 if failed else 0
-
-
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_model_commands,
     add_excitation_commands,
     add_data_commands,
     add_train_commands,
     add_keras_commands,
+    add_tag_commands,
 ]
 
 
