@@ -57,7 +57,8 @@ class SampleCNN(nn.Module):
 
     Methods: :meth:`forward` (logits), :meth:`forward_features` (pooled features ``(B, F)``),
     :meth:`forward_head` (features to logits), :meth:`forward_with_gates` (logits and SE
-    gates), :meth:`block_outputs` (every stage's map). ``forward`` always returns a tensor.
+    gates), :meth:`forward_pooled` (logits and every block's pooled output, the embeddings),
+    :meth:`block_outputs` (every stage's map). ``forward`` always returns a tensor.
 
     On the CPU the feature maps are held as ``(B, C, 1, T)`` channels-last (memory order
     ``(B, T, C)``) between the stem and the head: the same computation and parameters, with
@@ -156,8 +157,32 @@ class SampleCNN(nn.Module):
         logits = self.forward_head(self._features(waveform, gates))
         return logits, gates
 
-    def _features(self, waveform: torch.Tensor, gates: list[torch.Tensor] | None) -> torch.Tensor:
-        """Pooled features ``(B, F)``; the SE gates are appended to ``gates`` if given."""
+    def forward_pooled(self, waveform: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Tag logits and every block's output max-pooled over time, in one pass.
+
+        The pooled outputs are the network's embeddings (used for transfer learning): those
+        of the last three blocks, concatenated, are the multi-level features the ``multi``
+        variants' head reads.
+
+        Args:
+            waveform: ``(B, L)`` or ``(B, 1, L)`` samples in [-1, 1].
+
+        Returns:
+            ``(logits, pooled)``: logits ``(B, num_tags)`` and one ``(B, C_i)`` tensor per
+            block, block 1 first (``C_i`` = :meth:`ModelConfig.block_channels`).
+        """
+        pooled: list[torch.Tensor] = []
+        logits = self.forward_head(self._features(waveform, None, pooled))
+        return logits, pooled
+
+    def _features(
+        self,
+        waveform: torch.Tensor,
+        gates: list[torch.Tensor] | None,
+        every_block: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Pooled features ``(B, F)``; the SE gates are appended to ``gates`` if given, and
+        every block's time-max to ``every_block`` if given."""
         h = self.stem(
             self._layout(self._as_batch(waveform))
         )  # B, 128, L/3 (or B, 128, 1, L/3 channels-last)
@@ -167,7 +192,11 @@ class SampleCNN(nn.Module):
             h, gate = block(h)  # B, C_i, L / 3^(i+2)
             if gate is not None and gates is not None:
                 gates.append(gate)
-            if i >= first_pooled:
+            if every_block is not None:
+                every_block.append(time_max(h))  # B, C_i
+                if i >= first_pooled:
+                    pooled.append(every_block[-1])
+            elif i >= first_pooled:
                 pooled.append(time_max(h))  # B, C_i
         return torch.cat(pooled, dim=1)  # B, F
 
