@@ -1,19 +1,25 @@
-"""Keras import: HDF5 fixtures in the Keras 2.0.5 layout, checked against a NumPy Keras forward.
+"""Keras import: HDF5 fixtures in the layouts of Keras 2.0.5 to 2.15, checked against a NumPy
+Keras forward; and the cache of converted checkpoints.
 
 The fixtures are built here, layer by layer, the way the official code builds its model
 (specification §2; a residual block's projection shortcut is created before its main path),
-named the
-way Keras names layers, stored in the order Keras 2.0.5 stores them (by graph depth, which
-interleaves a block's shortcut with its main path) and written with h5py in the ``model.save``
-or ``save_weights`` layout. The reference output is a NumPy re-implementation of the Keras
-layers' inference semantics, channels-last.
+named the way Keras names layers, stored in the order Keras 2.0.5 stores them (by graph depth,
+which interleaves a block's shortcut with its main path) and written with h5py in the
+``model.save`` or ``save_weights`` layout, spelled as Keras 2.0.5, tf.keras 2.15 or Keras 3's
+legacy HDF5 writer spells it (``write_keras(style=...)``). The reference output is a NumPy
+re-implementation of the Keras layers' inference semantics, channels-last.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -23,9 +29,16 @@ import torch
 from resemul_core import build_model
 from resemul_core.data.tags import MTAT_TOP50_TAGS
 from resemul_core.interfaces.cli import main
-from resemul_core.model.checkpoint import load_checkpoint
+from resemul_core.model import keras_import as keras_import_module
+from resemul_core.model.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from resemul_core.model.keras_file import KerasImportError, read_keras_file
 from resemul_core.model.keras_import import (
+    cached_keras_checkpoint,
     convert_keras_checkpoint,
     import_keras,
     keras_layer_table,
@@ -203,44 +216,131 @@ def keras_205_order(layers):
     return sorted(layers, key=lambda layer: (-depth[layer.name], visit_index[layer.name]))
 
 
-def write_keras(path, g, *, layout="model", order="keras", text="bytes"):
-    """Write ``g`` as Keras does: ``model.save`` (config, ``model_weights``) or ``save_weights``."""
+#: ``keras_version`` and the dtype entry of every layer config, by writer ("2.0.5" has none;
+#: tf.keras writes a policy object once a global dtype policy is set).
+KERAS_VERSIONS = {"2.0.5": "2.0.5", "tf2": "2.15.0", "keras3": "3.3.3"}
+_DTYPES = {
+    "tf2": {"class_name": "Policy", "config": {"name": "float32"}},
+    "keras3": {
+        "module": "keras",
+        "class_name": "DTypePolicy",
+        "config": {"name": "float32"},
+        "registered_name": None,
+    },
+}
+
+
+def styled_config(layer, by_name, style, *, int_sizes=False, activation_objects=False):
+    """``layer``'s config as the ``style`` writer spells it (see :func:`write_keras`)."""
+    config = {"name": layer.name, "trainable": True, **layer.config}
+    kind = layer.class_name
+    if style != "2.0.5":
+        config["dtype"] = _DTYPES[style]
+        if kind == "InputLayer":  # no fixed batch size; Keras 3 renamed the entry
+            shape = [None, *config.pop("batch_input_shape")[1:]]
+            config["batch_shape" if style == "keras3" else "batch_input_shape"] = shape
+        if kind == "Conv1D":
+            config.update(dilation_rate=[1], data_format="channels_last", groups=1, use_bias=True)
+    if kind == "BatchNormalization" and style == "tf2" and config["axis"] == -1:
+        # tf.keras stores the axis resolved when the layer was built, as a list.
+        rank = 2 if by_name[layer.inputs[0]].class_name == "Dense" else 3
+        config["axis"] = [rank - 1]
+    if int_sizes:
+        for key in ("kernel_size", "strides", "pool_size"):
+            if isinstance(config.get(key), list):
+                config[key] = config[key][0]
+    if activation_objects and isinstance(config.get("activation"), str):
+        # How Keras' newer serializer writes a function when not reduced to its name.
+        config["activation"] = {
+            "module": "keras.activations",
+            "class_name": "function",
+            "config": config["activation"],
+            "registered_name": "function",
+        }
+    return config
+
+
+def _inbound_nodes(layer, style):
+    if not layer.inputs:
+        return []
+    if style != "keras3":
+        return [[[p, 0, 0, {}] for p in layer.inputs]]
+    tensors = [
+        {
+            "class_name": "__keras_tensor__",
+            "config": {"shape": [None], "dtype": "float32", "keras_history": [p, 0, 0]},
+        }
+        for p in layer.inputs
+    ]
+    return [{"args": tensors if len(tensors) == 1 else [tensors], "kwargs": {}}]
+
+
+def write_keras(
+    path,
+    g,
+    *,
+    layout="model",
+    order="keras",
+    text="bytes",
+    style="2.0.5",
+    split_names=False,
+    **config_options,
+):
+    """Write ``g`` as Keras does: ``model.save`` (config, ``model_weights``) or ``save_weights``.
+
+    ``style``: the writer: ``"2.0.5"`` (the release), ``"tf2"`` (tf.keras 2.15: a
+    ``Functional`` config, BN axes as lists, dtype policies, no fixed batch size) or
+    ``"keras3"`` (``batch_shape``, ``inbound_nodes`` as tensors with a ``keras_history``,
+    weight names without ``:0``). ``text``: attributes as ``"bytes"`` or ``"str"``.
+    ``split_names``: ``layer_names`` in two chunks, as Keras writes it past 64 KiB.
+    ``config_options``: ``int_sizes`` (sizes as ints), ``activation_objects``.
+    """
     layers = keras_205_order(g.layers) if order == "keras" else list(g.layers)
+    by_name = {layer.name: layer for layer in g.layers}
 
     def enc(s):
         return s.encode("utf8") if text == "bytes" else s
 
+    entries = [
+        {
+            "name": layer.name,
+            "class_name": layer.class_name,
+            "config": styled_config(layer, by_name, style, **config_options),
+            "inbound_nodes": _inbound_nodes(layer, style),
+        }
+        for layer in layers
+    ]
+    if style == "keras3":
+        entries = [{"module": "keras.layers", "registered_name": None, **e} for e in entries]
     config = {
-        "class_name": "TFRecordModel",
+        "class_name": "TFRecordModel" if style == "2.0.5" else "Functional",
         "config": {
-            "name": "tf_record_model_1",
-            "layers": [
-                {
-                    "name": layer.name,
-                    "class_name": layer.class_name,
-                    "config": {"name": layer.name, "trainable": True, **layer.config},
-                    "inbound_nodes": [[[p, 0, 0, {}] for p in layer.inputs]]
-                    if layer.inputs
-                    else [],
-                }
-                for layer in layers
-            ],
+            "name": "tf_record_model_1" if style == "2.0.5" else "model",
+            "layers": entries,
             "input_layers": [[g.layers[0].name, 0, 0]],
             "output_layers": [[g.layers[-1].name, 0, 0]],
         },
     }
+    if style == "tf2":
+        config.update(keras_version=KERAS_VERSIONS[style], backend="tensorflow")
     with h5py.File(path, "w") as f:
-        f.attrs["keras_version"] = enc("2.0.5")
+        f.attrs["keras_version"] = enc(KERAS_VERSIONS[style])
         f.attrs["backend"] = enc("tensorflow")
         if layout == "model":
             f.attrs["model_config"] = enc(json.dumps(config))
             group = f.create_group("model_weights")
         else:
             group = f
-        group.attrs["layer_names"] = [enc(layer.name) for layer in layers]
+        names = [enc(layer.name) for layer in layers]
+        if split_names:
+            group.attrs["layer_names0"] = names[: len(names) // 2]
+            group.attrs["layer_names1"] = names[len(names) // 2 :]
+        else:
+            group.attrs["layer_names"] = names
+        suffix = "" if style == "keras3" else ":0"
         for layer in layers:
             layer_group = group.create_group(layer.name)
-            names = [f"{layer.name}/{k}:0" for k in layer.weights]
+            names = [f"{layer.name}/{k}{suffix}" for k in layer.weights]
             layer_group.attrs["weight_names"] = [enc(n) for n in names]
             for n, array in zip(names, layer.weights.values(), strict=True):
                 layer_group.create_dataset(n, data=array)
@@ -493,3 +593,267 @@ def test_convert_checkpoint_without_tags(tmp_path):
     model, payload = load_checkpoint(out)
     assert payload["tags"] is None and model.config.num_tags == 10
     assert payload["keras_import"]["layer_order"] == "layer numbering"
+
+
+# --- files written by later Keras versions ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variant", "style", "layout", "text", "options"),
+    [
+        ("se-multi", "tf2", "model", "str", {}),
+        ("rese2-multi", "tf2", "model", "bytes", {"split_names": True}),
+        ("rese2-multi", "tf2", "weights", "str", {}),
+        ("se-multi", "keras3", "model", "str", {"activation_objects": True}),
+        ("rese2-multi", "keras3", "model", "bytes", {"int_sizes": True}),
+        ("res1-multi", "2.0.5", "model", "str", {"int_sizes": True, "split_names": True}),
+    ],
+)
+def test_files_of_later_keras_versions_import(tmp_path, variant, style, layout, text, options):
+    g = build_official(variant, np.random.default_rng(12), naming="tf", **SMALL)
+    path = write_keras(tmp_path / "m.h5", g, layout=layout, text=text, style=style, **options)
+    kfile = read_keras_file(path)
+    assert kfile.keras_version == KERAS_VERSIONS[style] and kfile.backend == "tensorflow"
+    if layout == "model":
+        assert kfile.order_source == "model config" and kfile.input_length == LENGTH
+        configs = [layer.config for layer in kfile.layers]
+        assert {c.get("dtype", "float32") for c in configs} == {"float32"}  # policies: names
+        assert all(isinstance(c.get("activation", ""), str) for c in configs)
+    _check_against_keras(import_keras(path, variant=variant, **SMALL), g)
+
+
+def test_tf2_fixture_writes_bn_axes_as_lists_of_the_input_rank(tmp_path):
+    # Keeps the test above meaningful: the tf.keras files hold [2] and [1], not -1.
+    g = build_official("se-multi", np.random.default_rng(12), naming="tf", **SMALL)
+    kfile = read_keras_file(write_keras(tmp_path / "m.h5", g, style="tf2"))
+    axes = [layer.config["axis"] for layer in kfile.layers if "axis" in layer.config]
+    assert axes[-1] == [1] and set(map(tuple, axes[:-1])) == {(2,)}
+
+
+def _bn(g, which):
+    norms = [layer for layer in g.layers if layer.class_name == "BatchNormalization"]
+    return norms[0] if which == "stem" else norms[-1]
+
+
+@pytest.mark.parametrize(
+    ("which", "axis"),
+    [("stem", [2]), ("stem", [-1]), ("stem", 2), ("head", 1), ("head", [1]), ("head", [-1])],
+)
+def test_bn_axis_is_read_against_the_rank_of_its_input(tmp_path, which, axis):
+    g = build_official("se-multi", np.random.default_rng(13), **SMALL)
+    _bn(g, which).config["axis"] = axis
+    path = write_keras(tmp_path / "m.hdf5", g)
+    _check_against_keras(import_keras(path, variant="se-multi", **SMALL), g)
+
+
+@pytest.mark.parametrize(
+    ("which", "axis"),
+    [
+        ("stem", [1]),
+        ("stem", 1),
+        ("stem", -2),
+        ("stem", [2, 1]),
+        ("stem", "2"),
+        ("head", 2),
+        ("head", [2]),
+        ("head", [0]),
+    ],
+)
+def test_bn_over_another_axis_is_refused(tmp_path, which, axis):
+    g = build_official("se-multi", np.random.default_rng(13), **SMALL)
+    layer = _bn(g, which)
+    layer.config["axis"] = axis
+    path = write_keras(tmp_path / "axis.hdf5", g)
+    with pytest.raises(KerasImportError) as err:
+        import_keras(path, variant="se-multi", **SMALL)
+    message = str(err.value)
+    assert message.startswith(f"{path}: Keras layer {layer.name!r} ({which} BN)")
+    assert f"axis {axis!r}" in message and message.count(". ") == 0
+    shape = "(batch, time, channels)" if which == "stem" else "(batch, features)"
+    assert shape in message
+
+
+def test_conv_arithmetic_the_shapes_cannot_show_is_checked(tmp_path):
+    g = build_official("se-multi", np.random.default_rng(14), **SMALL)
+    stem = next(layer for layer in g.layers if layer.class_name == "Conv1D")
+    stem.config["data_format"] = "channels_first"
+    with pytest.raises(KerasImportError, match=r"'conv1d_1' \(stem conv\).*'channels_first'"):
+        import_keras(write_keras(tmp_path / "cf.hdf5", g), variant="se-multi", **SMALL)
+    stem.config.update(data_format="channels_last", dilation_rate=2)
+    with pytest.raises(KerasImportError, match=r"'conv1d_1'.*dilation rate 2"):
+        import_keras(write_keras(tmp_path / "d.hdf5", g), variant="se-multi", **SMALL)
+
+
+def test_a_layer_with_an_extra_weight_is_refused(tmp_path):
+    g = build_official("se-multi", np.random.default_rng(15), **SMALL)
+    path = write_keras(tmp_path / "m.hdf5", g)
+    with h5py.File(path, "a") as f:  # e.g. a BN trained with batch renormalisation
+        group = f["model_weights/batch_normalization_1"]
+        extra = "batch_normalization_1/renorm_mean:0"
+        group.create_dataset(extra, data=np.zeros(8, np.float32))
+        names = [f"batch_normalization_1/{k}:0" for k in ("gamma", "beta")]
+        names += [f"batch_normalization_1/moving_{k}:0" for k in ("mean", "variance")]
+        group.attrs["weight_names"] = [n.encode() for n in [*names, extra]]
+    with pytest.raises(KerasImportError, match=r"'batch_normalization_1'.*'renorm_mean'"):
+        import_keras(path, variant="se-multi", **SMALL)
+
+
+# --- converted once, then cached ----------------------------------------------------------------
+
+LOGGER = "resemul_core.model.keras_import"
+
+
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _count_conversions(monkeypatch):
+    """Route the cache's conversions through a counter; the list gets each output path."""
+    calls, real = [], convert_keras_checkpoint
+
+    def counting(path, out, **kwargs):
+        calls.append(Path(out))
+        return real(path, out, **kwargs)
+
+    monkeypatch.setattr(keras_import_module, "convert_keras_checkpoint", counting)
+    return calls
+
+
+def _fake_conversions(monkeypatch):
+    """A stand-in converter for the naming tests: a fresh small model of the asked variant,
+    recorded as the file's conversion (the cache reads only that record)."""
+    calls = []
+
+    def fake(path, out, *, variant, tags, **options):
+        calls.append(Path(out))
+        model = build_model(variant, **SMALL)
+        record = {"sha256": _sha256(path), "variant": variant}
+        return save_checkpoint(out, model=model, tags=tags, keras_import=record)
+
+    monkeypatch.setattr(keras_import_module, "convert_keras_checkpoint", fake)
+    return calls
+
+
+@pytest.fixture
+def se_file(tmp_path):
+    g = build_official("se-multi", np.random.default_rng(16), **SMALL)
+    return g, write_keras(tmp_path / "se-multi-auc_0.9111-tfrmodel.hdf5", g)
+
+
+def test_cached_conversion_is_made_once_then_reused(tmp_path, monkeypatch, caplog, se_file):
+    g, path = se_file
+    monkeypatch.setenv("RESEMUL_CACHE", str(tmp_path / "cache"))
+    calls = _count_conversions(monkeypatch)
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    out = cached_keras_checkpoint(path, variant="se-multi", **SMALL)
+    sha = _sha256(path)
+    # Not the paper's size: a digest of the options follows the variant.
+    assert out.parent == tmp_path / "cache" / "keras" and out.name.startswith(
+        f"{sha[:16]}-se-multi-"
+    )
+    assert calls == [out] and f"converted {path} to {out} (cached)" in caplog.messages
+    model, payload = load_checkpoint(out)
+    assert payload["tags"] == list(MTAT_TOP50_TAGS) and payload["keras_import"]["sha256"] == sha
+    x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (2, LENGTH)).astype(np.float32))
+    direct = import_keras(path, variant="se-multi", **SMALL)
+    torch.testing.assert_close(model(x), direct(x), rtol=0, atol=0)
+    _check_against_keras(model, g)
+
+    before = out.stat()
+    caplog.clear()
+    assert cached_keras_checkpoint(path, variant="se-multi", **SMALL) == out
+    after = out.stat()
+    assert len(calls) == 1 and caplog.messages == [f"using cached conversion {out}"]
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "another file's"])
+def test_unusable_cache_entry_is_converted_again(tmp_path, monkeypatch, se_file, damage):
+    g, path = se_file
+    monkeypatch.setenv("RESEMUL_CACHE", str(tmp_path / "cache"))
+    calls = _count_conversions(monkeypatch)
+    out = cached_keras_checkpoint(path, variant="se-multi", **SMALL)
+    data = bytearray(out.read_bytes())
+    if damage == "flipped byte":
+        data[len(data) // 2] ^= 0xFF
+        out.write_bytes(data)
+    elif damage == "truncated":
+        out.write_bytes(data[: len(data) // 2])
+    else:  # a good checkpoint, but of another file
+        other = build_official("se-multi", np.random.default_rng(17), **SMALL)
+        other_path = write_keras(tmp_path / "other.hdf5", other)
+        convert_keras_checkpoint(other_path, out, variant="se-multi", **SMALL)
+    if damage != "another file's":
+        with pytest.raises(CheckpointError, match="damaged|corrupted"):
+            read_checkpoint(out)
+    assert cached_keras_checkpoint(path, variant="se-multi", **SMALL) == out
+    assert calls == [out, out]
+    model, payload = load_checkpoint(out)
+    assert payload["keras_import"]["sha256"] == _sha256(path)
+    _check_against_keras(model, g)
+
+
+def test_cache_folder_comes_from_the_argument_or_the_environment(tmp_path, monkeypatch, se_file):
+    _, path = se_file
+    calls = _fake_conversions(monkeypatch)
+    for name in ("RESEMUL_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    entry = f"{_sha256(path)[:16]}-se-multi.pt"  # the paper's size: no options digest
+    home = tmp_path / "home" / ".cache" / "resemul" / "keras" / entry
+    assert cached_keras_checkpoint(path, variant="se-multi") == home
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    xdg = tmp_path / "xdg" / "resemul" / "keras" / entry
+    assert cached_keras_checkpoint(path, variant="se-multi") == xdg
+    monkeypatch.setenv("RESEMUL_CACHE", str(tmp_path / "env"))
+    assert cached_keras_checkpoint(path, variant="se-multi") == tmp_path / "env" / "keras" / entry
+    arg = cached_keras_checkpoint(path, variant="se-multi", cache_dir=tmp_path / "arg")
+    assert arg == tmp_path / "arg" / "keras" / entry
+    assert calls == [home, xdg, tmp_path / "env" / "keras" / entry, arg]
+    assert all(p.is_file() for p in calls)
+
+
+def test_another_variant_or_changed_file_gets_its_own_entry(tmp_path, monkeypatch, se_file):
+    _, path = se_file
+    monkeypatch.setenv("RESEMUL_CACHE", str(tmp_path / "cache"))
+    calls = _fake_conversions(monkeypatch)
+    se = cached_keras_checkpoint(path, variant="se-multi")
+    rese = cached_keras_checkpoint(path, variant="rese2-multi")
+    assert rese == se.parent / f"{_sha256(path)[:16]}-rese2-multi.pt" and rese != se
+    assert load_checkpoint(rese)[0].config.variant == "rese2-multi"
+    assert cached_keras_checkpoint(path, variant="se-multi") == se and len(calls) == 2
+    write_keras(path, build_official("se-multi", np.random.default_rng(18), **SMALL))
+    changed = cached_keras_checkpoint(path, variant="se-multi")
+    assert changed.name == f"{_sha256(path)[:16]}-se-multi.pt" and changed != se
+    assert se.is_file() and calls == [se, rese, changed]
+    with pytest.raises(ValueError, match="unknown variant"):
+        cached_keras_checkpoint(path, variant="../se-multi")
+    assert sorted(p.name for p in se.parent.iterdir()) == sorted([se.name, rese.name, changed.name])
+
+
+@pytest.mark.parametrize("how", ["below a file", "read-only folder"])
+def test_unwritable_cache_falls_back_to_a_temporary_file(
+    tmp_path, monkeypatch, caplog, se_file, how
+):
+    g, path = se_file
+    if how == "below a file":
+        (tmp_path / "a-file").write_text("")
+        cache = tmp_path / "a-file" / "cache"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        cache = tmp_path / "read-only"
+        cache.mkdir(mode=0o555)
+    monkeypatch.setenv("RESEMUL_CACHE", str(cache))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    calls = _count_conversions(monkeypatch)
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    first = cached_keras_checkpoint(path, variant="se-multi", **SMALL)
+    second = cached_keras_checkpoint(path, variant="se-multi", **SMALL)
+    assert calls == [first, second] and first != second  # converted each time
+    assert first.is_relative_to(tmp_path / "tmp") and second.is_relative_to(tmp_path / "tmp")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all(str(cache) in w and str(path) in w for w in warnings)
+    _check_against_keras(load_checkpoint(first)[0], g)
+    assert not cache.exists() or list(cache.iterdir()) == []

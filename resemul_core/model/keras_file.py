@@ -1,4 +1,4 @@
-"""Reading a Keras 2.0.5 HDF5 model or weights file with h5py: its weighted layers, in order.
+"""Reading a Keras 2 HDF5 model or weights file with h5py: its weighted layers, in order.
 
 Public: :func:`read_keras_file`, :class:`KerasFile`, :class:`KerasLayer`,
 :class:`KerasImportError`.
@@ -20,6 +20,16 @@ How the file's layers are put into that order:
   (``conv1d_7``), which counts the layers of one class in creation order whatever the offset;
   if the names are not numbered that way, the file's ``layer_names`` order is taken as the
   construction order.
+
+Later writers (Keras 2.1 to 2.15, tf.keras, and Keras 3's legacy HDF5 layout) store the same
+model with other spellings, all read here: attributes as ``bytes`` or ``str``; ``layer_names``
+split into ``layer_names0``, ``layer_names1``, ... when it outgrows an HDF5 object header;
+weight names with or without the ``:0`` suffix; tf.keras names (``conv1d``, ``conv1d_1``);
+``batch_input_shape`` or ``batch_shape``; ``inbound_nodes`` as lists or as tensors carrying a
+``keras_history``. Layer configs are reduced to Keras 2.0.5's spelling by
+``_plain_config`` (sizes as lists, activation and dtype as names); a BatchNormalization's
+``axis`` (``-1`` or, from tf.keras, ``[2]``) is left as stored, since what it means depends on
+the rank of the layer's input, which :mod:`~resemul_core.model.keras_import` knows.
 """
 
 from __future__ import annotations
@@ -49,6 +59,8 @@ _WEIGHT_ORDER = {
     "BatchNormalization": ("gamma", "beta", "moving_mean", "moving_variance"),
 }
 _NUMBERED = re.compile(r"(?P<stem>.*?)(?:_(?P<uid>\d+))?")
+# Config entries that Keras writes as one-element lists but that may also be plain ints.
+_SIZES = ("kernel_size", "strides", "dilation_rate", "pool_size")
 
 
 class KerasImportError(ValueError):
@@ -65,7 +77,8 @@ class KerasLayer:
         weights: arrays in Keras layout by short name: ``kernel`` ``(k, C_in, C_out)`` or
             ``(in, out)``, ``bias``; ``gamma``, ``beta``, ``moving_mean``,
             ``moving_variance`` ``(C,)``.
-        config: the layer's Keras config (``{}`` when the file has no model config).
+        config: the layer's Keras config in Keras 2.0.5's spelling (``{}`` when the file has
+            no model config).
     """
 
     name: str
@@ -121,7 +134,36 @@ def _text(value: Any) -> Any:
 
 
 def _attr(attrs: Any, key: str) -> Any:
-    return _text(attrs[key]) if key in attrs else None
+    """A decoded attribute, or None; a list that Keras split into ``key0``, ``key1``, ...
+    (it does so past HDF5's 64 KiB object-header limit) is joined again."""
+    if key in attrs:
+        return _text(attrs[key])
+    chunks: list[Any] = []
+    while f"{key}{len(chunks)}" in attrs:
+        chunks.append(_text(attrs[f"{key}{len(chunks)}"]))
+    return [v for c in chunks for v in (c if isinstance(c, list) else [c])] if chunks else None
+
+
+def _plain_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A layer's config in Keras 2.0.5's spelling, whichever Keras version wrote it.
+
+    Sizes given as an int become one-element lists (``3`` -> ``[3]``); an activation or dtype
+    written as a serialized object becomes its name: ``{"class_name": "Policy", "config":
+    {"name": "float32"}}`` -> ``"float32"``, ``{"class_name": "function", "config": "relu"}``
+    -> ``"relu"``, an unknown object -> its class name (so a custom activation is reported,
+    not skipped).
+    """
+    plain = dict(config)
+    for key in _SIZES:
+        if isinstance(plain.get(key), int):
+            plain[key] = [plain[key]]
+    for key in ("activation", "dtype"):
+        value = plain.get(key)
+        if isinstance(value, dict):
+            inner = value.get("config")
+            name = inner.get("name") if isinstance(inner, dict) else inner
+            plain[key] = name if isinstance(name, str) else value.get("class_name")
+    return plain
 
 
 def _short_name(weight_name: str) -> str:
@@ -161,9 +203,10 @@ def _read_layer(path: Path, group: Any, name: str, config: dict[str, Any]) -> Ke
             f"{[a.shape for a in arrays]}; a sample-level CNN has only "
             f"{', '.join(_WEIGHTED)} layers with weights"
         )
-    short = [_short_name(n) for n in names]
-    if sorted(short) != sorted(_WEIGHT_ORDER[class_name]):
-        short = list(_WEIGHT_ORDER[class_name])  # unrecognised names: Keras' positional order
+    short, canonical = [_short_name(n) for n in names], _WEIGHT_ORDER[class_name]
+    if sorted(short) != sorted(canonical) and len(short) == len(canonical):
+        short = list(canonical)  # unrecognised names: Keras' positional order
+    # With another number of weights the names stay, and the shape check reports the layer.
     weights = dict(zip(short, arrays, strict=False))
     return KerasLayer(name, class_name, weights, config.get("config", {}))
 
@@ -337,6 +380,10 @@ def _read_open_file(
             config_layers = _config_layers(json.loads(raw_config))
         except json.JSONDecodeError as err:
             raise KerasImportError(f"{path}: its model_config is not valid JSON") from err
+    if config_layers is not None:
+        config_layers = [
+            {**layer, "config": _plain_config(layer.get("config") or {})} for layer in config_layers
+        ]
     configs = {
         (layer.get("name") or layer.get("config", {}).get("name")): layer
         for layer in config_layers or []

@@ -1,7 +1,7 @@
-"""Load the authors' released Keras 2.0.5 HDF5 models into :class:`SampleCNN` (issue 8).
+"""Load the authors' released Keras HDF5 models into :class:`SampleCNN` (issue 8).
 
-Public: :func:`import_keras`, :func:`convert_keras_checkpoint`, :func:`keras_layer_table`,
-:data:`RELEASED_MODELS`.
+Public: :func:`import_keras`, :func:`convert_keras_checkpoint`, :func:`cached_keras_checkpoint`,
+:func:`keras_layer_table`, :data:`RELEASED_MODELS`.
 
 :func:`~resemul_core.model.keras_file.read_keras_file` reads the file's weighted layers in the
 official code's *construction* order (specification §2); this module matches them, in that
@@ -10,20 +10,30 @@ block the projection shortcut's 1x1 conv and BN when the width changes (the offi
 them before the main path), the main path's convs and BNs, the SE block's two denses; then the
 head's dense, BN and dense.
 
-Every tensor's shape, and each layer's activation, strides, padding and BN epsilon when the file
-has a config, is checked against the requested variant; the first difference is reported with
-the Keras layer's name. Layout conversions: Conv1D kernels ``(k, C_in, C_out)`` become
-``(C_out, C_in, k)``, Dense kernels ``(in, out)`` become ``(out, in)``; BN moving statistics
-become the running statistics. The Keras model reads channels-last inputs ``(B, 59049, 1)``;
-ours reads ``(B, 59049)``, so only the weights change layout.
+Every tensor's shape, and each layer's activation, strides, padding and BN epsilon and axis when
+the file has a config, is checked against the requested variant; the first difference is
+reported with the Keras layer's name. A BN's ``axis`` must be its input's channel axis,
+written as Keras 2.0.5 does (``-1``) or as tf.keras does after building (``[2]`` for
+``(B, T, C)`` maps, ``[1]`` for the head's ``(B, D)``). Layout conversions: Conv1D kernels
+``(k, C_in, C_out)`` become ``(C_out, C_in, k)``, Dense kernels ``(in, out)`` become
+``(out, in)``; BN moving statistics become the running statistics. The Keras model reads
+channels-last inputs ``(B, 59049, 1)``; ours reads ``(B, 59049)``, so only the weights
+change layout.
+
+:func:`cached_keras_checkpoint` converts a file on first use and keeps the checkpoint in a
+cache folder keyed by the file's SHA-256 and the variant, so that a Keras file can be given
+wherever a checkpoint is accepted.
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import hashlib
 import logging
 import os
+import shutil
+import tempfile
 from collections import Counter, defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,14 +44,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from resemul_core.config import model_config
+from resemul_core.config import ModelConfig, model_config
+from resemul_core.data.integrity import file_sha256
 from resemul_core.data.tags import MTAT_TOP50_TAGS
 from resemul_core.model.blocks import ResidualBlock
-from resemul_core.model.checkpoint import save_checkpoint
+from resemul_core.model.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from resemul_core.model.keras_file import KerasFile, KerasImportError, KerasLayer, read_keras_file
 from resemul_core.model.sample_cnn import SampleCNN
 
-__all__ = ["RELEASED_MODELS", "import_keras", "convert_keras_checkpoint", "keras_layer_table"]
+__all__ = [
+    "RELEASED_MODELS",
+    "import_keras",
+    "convert_keras_checkpoint",
+    "cached_keras_checkpoint",
+    "keras_layer_table",
+]
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +106,15 @@ def keras_layer_table(model: SampleCNN) -> list[tuple[str, str, str, str]]:
 
 @dataclass(frozen=True)
 class _Slot:
-    """One of our weighted layers: its module name, Keras class, role and Keras activation."""
+    """One of our weighted layers: its module name, Keras class, role and Keras activation;
+    ``input_rank`` is the rank of its Keras input: 3 for ``(B, T, C)`` maps, 2 in the head."""
 
     prefix: str
     class_name: str
     role: str
     module: nn.Module
     activation: str = "linear"
+    input_rank: int = 3
 
     def keras_shapes(self) -> dict[str, tuple[int, ...]]:
         """The Keras-layout shape of every weight this layer needs."""
@@ -116,12 +135,27 @@ def _slots(model: SampleCNN) -> list[_Slot]:
         module = model.get_submodule(name)
         if not isinstance(module, _MODULE_TYPES[class_name]):
             raise TypeError(f"{name} is a {type(module).__name__}, not a {class_name} layer")
-        slots.append(_Slot(name, class_name, role, module, activation))
+        rank = 2 if name.startswith("head.") else 3  # the head works on pooled (B, D) vectors
+        slots.append(_Slot(name, class_name, role, module, activation, rank))
     return slots
 
 
+def _is_channel_axis(axis: Any, rank: int) -> bool:
+    """Whether a BN ``axis``, an int or a one-int list, is the last axis of a rank-``rank``
+    input once normalised (``-1`` and ``rank - 1`` are; tf.keras stores ``[rank - 1]``)."""
+    if isinstance(axis, (list, tuple)) and len(axis) == 1:
+        axis = axis[0]
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        return False
+    return -rank <= axis < rank and axis % rank == rank - 1
+
+
 def _check_config(path: Path, layer: KerasLayer, slot: _Slot) -> None:
-    """Compare what shapes cannot show: activation, strides, padding, BN epsilon."""
+    """Compare what shapes cannot show: activation, strides, padding, BN epsilon and axis.
+
+    ``layer.config`` is in Keras 2.0.5's spelling (sizes as lists, activation as a name:
+    :mod:`~resemul_core.model.keras_file` reduces later versions' spellings to it).
+    """
     config, where = layer.config, f"{path}: Keras layer {layer.name!r} ({slot.role})"
     if not config:
         return
@@ -132,7 +166,7 @@ def _check_config(path: Path, layer: KerasLayer, slot: _Slot) -> None:
         )
     module = slot.module
     if isinstance(module, nn.Conv1d):
-        strides = list(config.get("strides", [1]))[0]
+        strides = config.get("strides", [1])[0]
         padding = config.get("padding", "valid")
         k = module.kernel_size[0]
         want = "same" if module.padding[0] > 0 else "valid"
@@ -141,18 +175,29 @@ def _check_config(path: Path, layer: KerasLayer, slot: _Slot) -> None:
                 f"{where} has strides {strides} and padding {padding!r}; expected "
                 f"{module.stride[0]} and {want!r}"
             )
+        # Same kernel shape, other arithmetic: neither would show in the shape check.
+        dilation = config.get("dilation_rate", [1])[0]
+        data_format = config.get("data_format", "channels_last")
+        if dilation != 1 or data_format != "channels_last":
+            raise KerasImportError(
+                f"{where} has dilation rate {dilation} and data format {data_format!r}; "
+                "the model needs 1 and 'channels_last'"
+            )
     if isinstance(module, nn.BatchNorm1d):
         eps = config.get("epsilon")
         if eps is not None and not np.isclose(float(eps), module.eps, rtol=1e-6, atol=0):
             raise KerasImportError(
                 f"{where} has epsilon {eps}, the model uses {module.eps} (pass bn_eps={eps})"
             )
-        if (
-            config.get("axis", -1) not in (-1, 2)
-            or not config.get("center", True)
-            or not (config.get("scale", True))
-        ):
-            raise KerasImportError(f"{where} is not a channels-last BN with center and scale")
+        axis, rank = config.get("axis", -1), slot.input_rank
+        if not _is_channel_axis(axis, rank):
+            shape = "(batch, time, channels)" if rank == 3 else "(batch, features)"
+            raise KerasImportError(
+                f"{where} normalises over axis {axis!r}, but its input is {shape} and only "
+                f"the last axis ({rank - 1}, -1 or [{rank - 1}]) fits the model"
+            )
+        if not config.get("center", True) or not config.get("scale", True):
+            raise KerasImportError(f"{where} is a BN without center or scale")
 
 
 def _to_torch(slot: _Slot, weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -275,14 +320,6 @@ def import_keras(path: str | os.PathLike, *, variant: str, **model_options: Any)
     return _import(path, variant, model_options)[0]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def convert_keras_checkpoint(
     path: str | os.PathLike,
     out: str | os.PathLike,
@@ -322,10 +359,130 @@ def convert_keras_checkpoint(
         tags=tags,
         keras_import={
             "source": kfile.path.name,
-            "sha256": _sha256(kfile.path),
+            "sha256": file_sha256(kfile.path),
             "keras_version": kfile.keras_version,
             "backend": kfile.backend,
             "variant": variant,
             "layer_order": kfile.order_source,
         },
     )
+
+
+def _cache_folder(cache_dir: str | os.PathLike | None) -> Path:
+    """``cache_dir``, else ``$RESEMUL_CACHE``, ``$XDG_CACHE_HOME/resemul``, ``~/.cache/resemul``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("RESEMUL_CACHE"):
+        return Path(os.environ["RESEMUL_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "resemul"
+    return Path.home() / ".cache" / "resemul"  # RuntimeError without a home: no cache
+
+
+def _options_suffix(config: ModelConfig, model_options: dict[str, Any]) -> str:
+    """``""`` for the paper's model, else ``-`` and a digest of the options that differ from it,
+    so that one file converted at another size gets an entry of its own."""
+    default = model_config(config.variant)
+    changed = sorted(
+        (k, getattr(config, k)) for k in model_options if getattr(config, k) != getattr(default, k)
+    )
+    return f"-{hashlib.sha256(repr(changed).encode()).hexdigest()[:8]}" if changed else ""
+
+
+def _usable(entry: Path, sha256: str, config: ModelConfig, model_options: dict[str, Any]) -> bool:
+    """Whether a cache entry reads back intact (checksum) and holds this file as ``config``."""
+    if not entry.is_file():
+        return False
+    try:
+        payload = read_checkpoint(entry)
+        stored = ModelConfig.from_dict(payload["model_config"])
+    except (CheckpointError, OSError, KeyError, TypeError, ValueError) as err:
+        log.warning("cached conversion %s is unusable, converting again: %s", entry, err)
+        return False
+    info = payload.get("keras_import")
+    return (
+        isinstance(info, dict)
+        and info.get("sha256") == sha256
+        and info.get("variant") == config.variant
+        and all(getattr(stored, k) == getattr(config, k) for k in model_options)
+    )
+
+
+def cached_keras_checkpoint(
+    path: str | os.PathLike,
+    *,
+    variant: str,
+    cache_dir: str | os.PathLike | None = None,
+    **model_options: Any,
+) -> Path:
+    """The checkpoint converted from a Keras HDF5 file, converted once and then reused.
+
+    The cache folder is ``cache_dir``, else ``$RESEMUL_CACHE``, else
+    ``$XDG_CACHE_HOME/resemul``, else ``~/.cache/resemul``; checkpoints go in its ``keras/``
+    subfolder as ``<first 16 hex digits of the file's SHA-256>-<variant>.pt``, so a changed
+    file or another variant gets its own entry. An entry is reused only if it reads back
+    (checksum verified) and records the same SHA-256 and variant; otherwise it is converted
+    again (:func:`convert_keras_checkpoint`, an atomic write: concurrent conversions both end
+    with a good file). If the cache cannot be written, the file is converted into a temporary
+    file (removed at exit) each time, with a warning.
+
+    Args:
+        path: the Keras file, e.g. ``se-multi-auc_0.9111-tfrmodel.hdf5``.
+        variant: the variant it holds (:data:`RELEASED_MODELS`).
+        cache_dir: the cache folder, overriding the environment.
+        **model_options: as for :func:`import_keras` (the paper's size by default); options
+            that change the model add a digest of them to the entry's name.
+
+    Returns:
+        The checkpoint; its tags are MTAT's top 50 in the official order (for 50 outputs).
+
+    Raises:
+        FileNotFoundError: no such file.
+        IsADirectoryError: ``path`` is a directory.
+        ValueError: an unknown variant or option.
+        KerasImportError: the file does not hold ``variant`` (as for :func:`import_keras`).
+    """
+    source = Path(path)
+    if source.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a Keras HDF5 file", str(source))
+    if not source.is_file():
+        raise FileNotFoundError(f"Keras file {source} does not exist")
+    config = model_config(variant, **model_options)  # before any file is named after them
+    sha256 = file_sha256(source)
+    name = f"{sha256[:16]}-{variant}{_options_suffix(config, model_options)}.pt"
+    tags = MTAT_TOP50_TAGS if config.num_tags == len(MTAT_TOP50_TAGS) else None
+    options = {"variant": variant, "tags": tags, **model_options}
+    try:
+        entry = _cache_folder(cache_dir) / "keras" / name
+        if _usable(entry, sha256, config, model_options):
+            log.info("using cached conversion %s", entry)
+            return entry
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=entry.parent)  # writable?
+        os.close(fd)
+        os.unlink(probe)
+    except (OSError, RuntimeError) as err:  # RuntimeError: no home directory
+        return _convert_uncached(source, name, err, options)
+    try:
+        out = convert_keras_checkpoint(source, entry, **options)
+    except OSError as err:
+        if err.filename != str(entry):  # the source's failures are the caller's to see
+            raise
+        return _convert_uncached(source, name, err, options)  # e.g. the cache's disk is full
+    log.info("converted %s to %s (cached)", source, out)
+    return out
+
+
+def _convert_uncached(source: Path, name: str, why: Exception, options: dict[str, Any]) -> Path:
+    """Convert into a temporary folder removed at exit, when the cache cannot be written."""
+    log.warning(
+        "cannot write the conversion cache (%s); converting %s into a temporary file instead "
+        "(set RESEMUL_CACHE to a writable folder to keep the conversion)",
+        why,
+        source,
+    )
+    folder = Path(tempfile.mkdtemp(prefix="resemul-keras-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    out = convert_keras_checkpoint(source, folder / name, **options)
+    log.info("converted %s to %s (not cached)", source, out)
+    return out
