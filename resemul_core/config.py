@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -326,8 +327,15 @@ class TrainConfig(DictConfig):
     val_batch_size: int = 230  # segments per validation forward pass (no effect on the value)
     seed: int = 0  # seeds weights, data order and dropout (not in the paper)
     precision: str = "fp32"  # "fp32" (the paper's), "tf32" or "bf16" (resemul_core.runtime)
+    # fine-tuning (resemul_core.training.init_from): a checkpoint file or run directory (its
+    # best.pt) whose weights start the run instead of the random init; None: the random init
+    init_from: str | None = None
+    # the stem and the first N blocks keep init_from's weights and BN statistics (needs init_from)
+    freeze_blocks: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.init_from, os.PathLike):  # a Path is a path: store it as plain text
+            object.__setattr__(self, "init_from", os.fspath(self.init_from))
         _check_numbers(self)  # NaN and infinity first: they pass every comparison below
         positive = ("learning_rate", "batch_size", "num_stages", "max_epochs_per_stage")
         for name in positive + ("val_batch_size",):
@@ -348,6 +356,20 @@ class TrainConfig(DictConfig):
         if not 0 <= self.seed < 2**64:
             raise ValueError(f"TrainConfig.seed must lie in [0, 2**64), got {self.seed}")
         check_precision(self.precision)
+        if self.init_from is not None and (
+            not isinstance(self.init_from, str) or not self.init_from.strip()
+        ):
+            raise ValueError(
+                f"TrainConfig.init_from must be a path or None, got {self.init_from!r}"
+            )
+        if self.freeze_blocks < 0:
+            raise ValueError(f"TrainConfig.freeze_blocks must be >= 0, got {self.freeze_blocks}")
+        if self.freeze_blocks > 0 and self.init_from is None:
+            raise ValueError(
+                f"freeze_blocks={self.freeze_blocks} needs init_from: frozen blocks would keep "
+                "their random initial weights, so give the trained model to start from "
+                "(--init-from CHECKPOINT, or init_from=...)"
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
@@ -410,6 +432,13 @@ class RunConfig:
     model: ModelConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.freeze_blocks > self.model.num_blocks:
+            raise ValueError(
+                f"freeze_blocks={self.train.freeze_blocks} is more than the model's "
+                f"{self.model.num_blocks} blocks (0 to {self.model.num_blocks} can be frozen)"
+            )
 
     @property
     def variant(self) -> str:

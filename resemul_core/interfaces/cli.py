@@ -26,7 +26,6 @@ from resemul_core.interfaces.cli_data import (
     print_table,
     seed,
 )
-from resemul_core.interfaces.cli_tag import add_tag_commands
 from resemul_core.interfaces.cli_errors import (
     _EPILOG,
     _command_name,
@@ -35,6 +34,7 @@ from resemul_core.interfaces.cli_errors import (
     _print_traceback,
     _rerun_advice,
 )
+from resemul_core.interfaces.cli_tag import add_tag_commands
 
 __all__ = ["main", "build_parser"]
 
@@ -197,6 +197,18 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
         help="hold the training split on the GPU as int16 (MTAT: 18 GB)",
     )
     g.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT",
+        help="start from a trained model's weights (a .pt file or a run directory); the head "
+        "is re-made if the tags differ",
+    )
+    g.add_argument(
+        "--freeze-blocks",
+        type=int_at_least(0),
+        metavar="N",
+        help="with --init-from: keep the stem and the first N blocks as loaded",
+    )
+    g.add_argument(
         "--set",
         action="append",
         default=[],
@@ -243,8 +255,11 @@ def _setting_names() -> list[str]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from resemul_core.interfaces.pipeline import fit
     from resemul_core.profiles import parse_overrides
+    from resemul_core.training.run_dir import LAST_CHECKPOINT, resolve_checkpoint
 
     shortcuts = {
         "seed": args.seed,
@@ -254,9 +269,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "num_workers": args.workers,
         "compile": args.compile,
         "data_on_device": args.data_on_device,
+        "init_from": args.init_from,
+        "freeze_blocks": args.freeze_blocks,
     }
     overrides = {k: v for k, v in shortcuts.items() if v is not None}
     overrides.update(parse_overrides(args.set))
+    fresh = args.overwrite or not (Path(args.out) / LAST_CHECKPOINT).is_file()
+    if fresh and overrides.get("init_from") is not None:  # a resumed run no longer needs it
+        resolve_checkpoint(overrides["init_from"])  # a missing file: one line, before any work
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 logs and reports
     if rank > 0:
         logging.getLogger("resemul_core").setLevel(logging.WARNING)

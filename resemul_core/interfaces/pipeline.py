@@ -176,6 +176,9 @@ def fit(
         overrides: settings by name, e.g. ``{"width": 0.125, "seed": 1, "device": "cpu"}``
             (:func:`~resemul_core.profiles.parse_overrides` reads ``key=value`` strings). On
             resume only runtime settings (device, workers, ...) may differ from the saved run.
+            To fine-tune, ``{"init_from": "runs/se-multi", "freeze_blocks": 2}`` starts from a
+            trained model's weights, re-headed for this store's tags
+            (:mod:`resemul_core.training.init_from`).
         resume: ``"auto"``: continue a run in ``run_dir`` if there is one, else start afresh;
             ``True``: there must be one; ``False``: start afresh (an existing run is an error
             unless ``overwrite``).

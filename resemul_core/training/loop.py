@@ -69,6 +69,7 @@ from resemul_core.training.distributed import (
     shard,
 )
 from resemul_core.training.feeding import ResidentSplit, device_batches
+from resemul_core.training.init_from import check_init_from, freeze, train_mode
 from resemul_core.training.rng import set_rng_state
 from resemul_core.training.run_dir import LAST_CHECKPOINT
 from resemul_core.training.schedule import (
@@ -155,8 +156,11 @@ def train(
     Raises:
         FileExistsError: a fresh run into a directory holding one, without ``overwrite``.
         CheckpointError: on resume, ``last.pt`` is unreadable or belongs to another store,
-            variant or config; nothing in ``run_dir`` is written.
+            variant or config; nothing in ``run_dir`` is written. For a fresh run, its
+            ``init_from`` is damaged or does not fit the model
+            (:mod:`resemul_core.training.init_from`).
         TrainingDiverged: the training or validation loss became NaN/inf.
+        FileNotFoundError: a fresh run's ``init_from`` does not exist.
         ValueError: the store's segment length does not fit the model, or a split is empty.
 
     Note:
@@ -195,8 +199,9 @@ def train(
         sync_bn=requested.runtime.sync_bn,
     )
     device = select_device(requested.runtime.device)  # resolved once, here
-    if not resume:
-        check_fits_store(requested.model, store)  # before the run directory is created
+    if not resume:  # before the run directory is created (or cleared)
+        check_fits_store(requested.model, store)
+        check_init_from(requested, run_dir)
     # the audio this run reads, against its digests: a damaged store must not train silently
     store.verify_clips(
         np.concatenate([store.split_indices("train"), store.split_indices("valid")]),
@@ -243,6 +248,7 @@ def _fit(
     if config.val_segments is not None and config.val_segments < len(val_set):
         val_set = Subset(val_set, range(config.val_segments))
     num_steps = steps_per_epoch(len(train_set), config)
+    freeze(model, config.freeze_blocks)  # before DDP registers its gradient hooks
     net = data_parallel(model, device, sync_bn=runtime.sync_bn) if ranks.distributed else model
     forward = (
         compile_model(net, device=device, distributed=ranks.distributed) if runtime.compile else net
@@ -269,7 +275,7 @@ def _fit(
             disable=not (progress and ranks.is_main),
             leave=False,
         )
-        model.train()
+        train_mode(model, config.freeze_blocks)  # the frozen blocks stay in eval mode
         pending: list[torch.Tensor] = []  # losses still on the device
         started = time.perf_counter()
         reported, reported_step = started, state.step
@@ -425,9 +431,10 @@ def validation_loss(
     )
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    for logits, _, (labels,) in run_model(
+    for out in run_model(
         model, loader, device=device, precision=precision, progress=progress, desc="validation"
     ):
+        logits, (labels,) = out.logits, out.extra
         labels = labels.to(device, non_blocking=True)  # B, T
         per_segment = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(
             dim=1

@@ -27,6 +27,7 @@ from resemul_core.files import write_json
 from resemul_core.model.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from resemul_core.model.sample_cnn import SampleCNN
 from resemul_core.training.distributed import Ranks
+from resemul_core.training.init_from import start_from
 from resemul_core.training.rng import rank_seed, rng_state, seed_everything
 from resemul_core.training.run_dir import (
     BEST_CHECKPOINT,
@@ -257,6 +258,7 @@ class _Run:
     device: torch.device
     ranks: Ranks = field(default_factory=Ranks)
     saved_rng: dict[str, Any] | None = None  # to restore right before the first step
+    init: dict[str, Any] | None = None  # the InitReport of a run started from init_from
 
     @property
     def last_path(self) -> Path:
@@ -275,6 +277,7 @@ class _Run:
             "store_fingerprint": self.store.fingerprint,
             "store_path": str(self.store.path),
             "audio": _audio_info(self.store),
+            **({"init": self.init} if self.init is not None else {}),
         }
 
     def save_last(self) -> None:
@@ -468,18 +471,21 @@ def _start_run(
             state.epoch,
             state.step,
         )
-        return _Run(run_dir, store, config, model, optimizer, state, device, ranks, rng)
+        init = saved.get("init")  # not init_from's file: it is not needed, and may be gone
+        return _Run(run_dir, store, config, model, optimizer, state, device, ranks, rng, init)
     if config is None:
         raise ValueError("a fresh run needs a config (resemul_core.profiles.resolve_config)")
     check_fits_store(config.model, store)
     device = _rank_device(device, ranks)
     _claim_run_dir(run_dir, overwrite=overwrite, ranks=ranks)
     seed_everything(config.train.seed)  # the same initial weights on every rank
-    model = SampleCNN(config.model).to(device)
+    model = SampleCNN(config.model)
+    init = start_from(model, config.train, store.tags)  # fine-tuning: init_from's weights
+    model.to(device)
     optimizer = build_optimizer(model, config.train, stage=0)
     if ranks.rank > 0:  # but each rank its own dropout masks
         torch.manual_seed(rank_seed(config.train.seed, ranks.rank, 0))
-    run = _Run(run_dir, store, config, model, optimizer, _Progress(), device, ranks)
+    run = _Run(run_dir, store, config, model, optimizer, _Progress(), device, ranks, init=init)
     if ranks.is_main:
         write_json(run_dir / RUN_CONFIG, {**run.info(), "model_config": config.model.to_dict()})
     return run
