@@ -98,6 +98,11 @@ book: $(STAMP)
 	@$(PAPERMILL) $(NB)/04_excitations.ipynb $(EXE)/04_excitations.ipynb \
 		-p run $(UP)/$(EXCITATION_RUN) -p data $(UP)/$(STORE) -p device $(DEVICE) \
 		|| { echo "make book: notebook 04_excitations.ipynb failed (see $(EXE)/04_excitations.ipynb)"; exit 1; }
+	@echo "== tagging a long piece with $(EXCITATION_RUN)"
+	@$(PAPERMILL) $(NB)/05_tag_music.ipynb $(EXE)/05_tag_music.ipynb \
+		-p checkpoint $(UP)/$(EXCITATION_RUN) -p data $(UP)/$(STORE) -p device $(DEVICE) \
+		-p out $(UP)/$(RUNS)/tag-your-own-music \
+		|| { echo "make book: notebook 05_tag_music.ipynb failed (see $(EXE)/05_tag_music.ipynb)"; exit 1; }
 	@$(BIN)/python book/toc.py $(if $(EXCITATION_PROFILE),--excitation-run $(EXCITATION_VARIANT)) $(VARIANTS)
 	$(BIN)/jupyter-book build book --warningiserror --keep-going
 	@echo "make book: open book/_build/html/index.html"

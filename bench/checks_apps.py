@@ -145,7 +145,10 @@ def inference(ctx: Context) -> tuple[str, dict]:
     train(store, run, config, progress=False)
     wav = _write_wav(ctx.work / "tagging" / "clip.wav")
     configure_backends(ctx.device, "fp32")  # TF32 off: compare float32 with float32
-    probs = {d: Tagger.from_checkpoint(run, device=d).predict(wav) for d in ("cpu", device)}
+    probs = {
+        d: Tagger.from_checkpoint(run, device=d, precision="fp32").predict(wav)
+        for d in ("cpu", device)
+    }
     prob_diff = float(np.abs(probs["cpu"] - probs[device]).max())
     gates = {}
     for name, where, batch in (("cpu", "cpu", 64), ("device", device, 48)):

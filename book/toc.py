@@ -64,6 +64,7 @@ def toc_text(variants: Iterable[str], excitation_run: str | None = None) -> str:
         "      - file: executed/04_excitations\n"
         "  - caption: Using the library\n"
         "    chapters:\n"
+        "      - file: executed/05_tag_music\n"
         "      - file: reproduce\n"
         "      - file: keras_weights\n"
         "      - file: api\n"

@@ -13,10 +13,13 @@ from resemul_core.data import audio as audio_module
 from resemul_core.data.audio import (
     LOUDNESS_FLOOR_DB,
     AudioDecodeError,
+    audio_duration,
     dbfs,
     load_audio,
     rms,
     segment_waveform,
+    stream_audio,
+    write_audio,
 )
 
 
@@ -214,3 +217,48 @@ def test_rms_and_dbfs_values_axes_and_floor():
     assert float(dbfs(0.5)) == 20 * np.log10(0.5)
     with pytest.raises(ValueError, match=">= 0"):
         dbfs(np.array([0.1, -0.1]))
+
+
+@pytest.mark.parametrize(
+    ("name", "rate", "channels"),
+    [("a.wav", 44_100, 2), ("b.flac", 16_000, 1), ("c.wav", 22_050, 1)],
+)
+def test_streamed_decoding_equals_decoding_in_one_piece(tmp_path, name, rate, channels):
+    """Block by block (soxr as a stream), any block size: the same samples as load_audio."""
+    rng = np.random.default_rng(0)
+    data = np.clip(0.3 * rng.standard_normal((round(7.3 * rate), channels)), -1, 1)
+    path = tmp_path / name
+    sf.write(path, data.astype(np.float32), rate)
+    assert audio_duration(path) == pytest.approx(7.3, abs=1 / rate)
+    for duration in (None, 2.5, 100.0):
+        whole = load_audio(path, duration=duration)
+        for block_seconds in (0.37, 3.0, 30.0):
+            blocks = list(stream_audio(path, duration=duration, block_seconds=block_seconds))
+            assert all(b.dtype == np.float32 and b.size > 0 for b in blocks)
+            np.testing.assert_array_equal(np.concatenate(blocks), whole)
+        if duration is None and rate != 22_050:
+            assert len(list(stream_audio(path, block_seconds=0.37))) > 10  # really in pieces
+
+
+def test_streamed_decoding_reports_bad_files_like_load_audio(tmp_path):
+    junk = tmp_path / "junk.wav"
+    junk.write_text("plain text, not audio")
+    with pytest.raises(AudioDecodeError, match="junk.wav is not a recognisable audio file"):
+        next(stream_audio(junk))
+    with pytest.raises(FileNotFoundError, match="missing.flac does not exist"):
+        next(stream_audio(tmp_path / "missing.flac"))
+    with pytest.raises(ValueError, match="block_seconds must be positive"):
+        next(stream_audio(junk, block_seconds=0))
+
+
+def test_write_audio_writes_16_bit_wav_with_the_umask(tmp_path):
+    waveform = sine(1.0, 22_050)
+    old = os.umask(0o027)
+    try:
+        path = write_audio(tmp_path / "sub" / "x.wav", waveform)
+    finally:
+        os.umask(old)
+    info = sf.info(path)
+    assert (info.samplerate, info.channels, info.subtype) == (22_050, 1, "PCM_16")
+    assert (path.stat().st_mode & 0o777) == 0o640
+    np.testing.assert_allclose(load_audio(path, duration=None), waveform, atol=2**-15)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "book"))  # the book's build script, book/toc.py
 from toc import title_training_pages, toc_text, write_toc  # noqa: E402
 
 VARIANTS = ["res1", "se", "se-multi"]
-NOTEBOOKS = ["01_data", "02_train", "03_evaluate", "04_excitations"]
+NOTEBOOKS = ["01_data", "02_train", "03_evaluate", "04_excitations", "05_tag_music"]
 
 
 def _execute(book: Path, name: str, page: str, **parameters) -> Path:
@@ -62,6 +62,15 @@ def built_book(tmp_path_factory):
     _execute(
         book, "04_excitations", "04_excitations", run=f"{runs}/se-multi", data=store, device="cpu"
     )
+    _execute(
+        book,
+        "05_tag_music",
+        "05_tag_music",
+        checkpoint=f"{runs}/se-multi",
+        data=store,
+        device="cpu",
+        out=str(work / "tagging"),
+    )
     write_toc(book / "_toc.yml", VARIANTS)
     title_training_pages(book / "executed", VARIANTS)
     build = subprocess.run(
@@ -84,10 +93,15 @@ def test_every_notebook_executes_with_the_tiny_profile(built_book):
         p.relative_to(book / "executed").as_posix() for p in (book / "executed").rglob("*.ipynb")
     )
     assert executed == sorted(
-        ["01_data.ipynb", "03_evaluate.ipynb", "04_excitations.ipynb"]
+        ["01_data.ipynb", "03_evaluate.ipynb", "04_excitations.ipynb", "05_tag_music.ipynb"]
         + [f"train/{v}.ipynb" for v in VARIANTS]
     )
-    for page, figures in [("01_data", 4), ("03_evaluate", 3), ("04_excitations", 4)]:
+    for page, figures in [
+        ("01_data", 4),
+        ("03_evaluate", 3),
+        ("04_excitations", 4),
+        ("05_tag_music", 1),
+    ]:
         notebook = nbformat.read(book / "executed" / f"{page}.ipynb", as_version=4)
         images = [
             o
@@ -119,7 +133,7 @@ def test_notebooks_are_thin_and_start_with_parameters():
 
 
 def test_the_book_builds_without_warnings(built_book):
-    book, build, _ = built_book
+    book, build, work = built_book
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     html = book / "_build" / "html"
     for page in ["intro", "executed/03_evaluate", "executed/04_excitations", "reproduce", "api"]:
@@ -130,6 +144,10 @@ def test_the_book_builds_without_warnings(built_book):
     assert "multi-level aggregation helps SE" in evaluation  # the claims table
     excitation = (html / "executed" / "04_excitations.html").read_text()
     assert "Did the gates learn?" in excitation and "most first-block channels" in excitation
+    tagging = (html / "executed" / "05_tag_music.html").read_text()
+    assert "Tag your own music" in tagging and "linear probe on embeddings" in tagging
+    assert "not on MagnaTagATune" in tagging  # the demo model is never presented as MTAT's
+    assert (work / "tagging" / "taggram.png").is_file()
     assert "Training se-multi" in (html / "training.html").read_text()
     for variant in VARIANTS:  # each training page is titled with its variant
         page = (html / "executed" / "train" / f"{variant}.html").read_text()

@@ -241,8 +241,9 @@ def predict_clips(
         model, loader, device=device, precision=precision, progress=progress, desc=desc
     )
     scores, labels = [], []
-    for logits, _, (clip_labels, counts) in outputs:
-        probs = torch.sigmoid(logits).cpu()  # sum(n_seg), T
+    for out in outputs:
+        clip_labels, counts = out.extra
+        probs = torch.sigmoid(out.logits).cpu()  # sum(n_seg), T
         scores.append(clip_average(probs, counts))  # clips, T
         labels.append(clip_labels)
     return (

@@ -245,9 +245,8 @@ def extract_excitations(
     kept: dict[int, list[np.ndarray]] = {level: [] for level in keep}
     owners: list[np.ndarray] = []
     batches = _rebatch(clips(), batch_size)  # (segments (b, L), owner rows (b,))
-    for _, gates, (owner,) in run_model(
-        model, batches, device=device, precision="fp32", gates=True
-    ):
+    for out in run_model(model, batches, device=device, precision="fp32", gates=True):
+        gates, (owner,) = out.gates, out.extra
         for pos, gate in enumerate(gates):
             g = gate.cpu().numpy()  # b, C_i
             if len(sums) < len(gates):

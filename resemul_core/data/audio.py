@@ -1,6 +1,8 @@
 """Audio decoding and segmentation: file → mono 22,050 Hz float waveform → 59,049-sample segments.
 
-Public: :func:`load_audio`, :func:`segment_waveform`, :class:`AudioDecodeError`,
+Public: :func:`load_audio`, :func:`stream_audio` (the same decoding block by block, for files of
+any length), :func:`audio_duration`, :func:`write_audio`, :func:`segment_waveform`,
+:class:`AudioDecodeError`,
 :data:`AUDIO_EXTENSIONS`, :data:`SAMPLE_RATE`, :data:`SEGMENT_LENGTH`, :data:`SEGMENTS_PER_CLIP`,
 :data:`CLIP_DURATION`; loudness: :func:`rms`, :func:`dbfs`, :data:`LOUDNESS_FLOOR_DB` (the one
 definition the store, the synthetic generator and the excitation analysis share).
@@ -18,6 +20,7 @@ import logging
 import math
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +35,13 @@ __all__ = [
     "SAMPLE_RATE",
     "SEGMENTS_PER_CLIP",
     "SEGMENT_LENGTH",
+    "audio_duration",
     "dbfs",
     "load_audio",
     "rms",
     "segment_waveform",
+    "stream_audio",
+    "write_audio",
 ]
 
 logger = logging.getLogger(__name__)
@@ -206,15 +212,8 @@ def load_audio(
         the audio itself (MTAT mp3s are 16 kHz, so both upsample).
     """
     path = Path(path)
-    if sample_rate <= 0:
-        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-    if duration is not None and duration <= 0:
-        raise ValueError(f"duration must be positive or None, got {duration}")
-    head = _check_file(path)
-    try:
-        handle = sf.SoundFile(path)
-    except (sf.LibsndfileError, RuntimeError, EOFError) as err:
-        raise _open_failure(path, head, err) from err
+    _check_rate_and_duration(sample_rate, duration)
+    handle = _open_sound_file(path)
     try:
         with handle:
             native_rate = handle.samplerate
@@ -236,6 +235,124 @@ def load_audio(
     mono = np.ascontiguousarray(mono, dtype=np.float32)
     np.clip(mono, -1.0, 1.0, out=mono)
     return mono
+
+
+def _check_rate_and_duration(sample_rate: int, duration: float | None) -> None:
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    if duration is not None and duration <= 0:
+        raise ValueError(f"duration must be positive or None, got {duration}")
+
+
+def _open_sound_file(path: Path) -> sf.SoundFile:
+    """``path`` opened for decoding, or the error :func:`load_audio` documents."""
+    head = _check_file(path)
+    try:
+        return sf.SoundFile(path)
+    except (sf.LibsndfileError, RuntimeError, EOFError) as err:
+        raise _open_failure(path, head, err) from err
+
+
+def audio_duration(path: str | os.PathLike) -> float:
+    """Seconds of audio in a file, from its header (nothing is decoded).
+
+    Raises:
+        AudioDecodeError, FileNotFoundError: as :func:`load_audio`.
+    """
+    path = Path(path)
+    with _open_sound_file(path) as handle:
+        return handle.frames / handle.samplerate
+
+
+def stream_audio(
+    path: str | os.PathLike,
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    duration: float | None = None,
+    block_seconds: float = 10.0,
+) -> Iterator[np.ndarray]:
+    """Decode an audio file block by block: what :func:`load_audio` returns, in pieces.
+
+    Memory stays bounded by the block size whatever the file's length (an hour of audio at
+    22,050 Hz is 318 MB as one float32 array). The blocks, concatenated, equal
+    ``load_audio(path, sample_rate=sample_rate, duration=duration)`` exactly: the same
+    downmix, the same soxr resampler run as a stream (its output does not depend on where
+    the blocks are cut), the same clipping.
+
+    Args:
+        path: an mp3, wav, flac or ogg file (anything libsndfile reads).
+        sample_rate: output rate in Hz.
+        duration: stop after this many seconds (``None``: the whole file).
+        block_seconds: seconds of the file decoded per step (the yielded blocks have about
+            ``block_seconds * sample_rate`` samples; the last ones may be shorter).
+
+    Yields:
+        ``(samples,)`` float32 blocks in [-1, 1], none of them empty.
+
+    Raises:
+        AudioDecodeError, FileNotFoundError: as :func:`load_audio`, at the first ``next``
+            (or later, for a file damaged partway through).
+    """
+    path = Path(path)
+    _check_rate_and_duration(sample_rate, duration)
+    if block_seconds <= 0:
+        raise ValueError(f"block_seconds must be positive, got {block_seconds}")
+    handle = _open_sound_file(path)
+    with handle:
+        native_rate = handle.samplerate
+        block = max(1, round(block_seconds * native_rate))
+        wanted = None if duration is None else round(duration * sample_rate)
+        stream = None
+        if native_rate != sample_rate:
+            stream = soxr.ResampleStream(native_rate, sample_rate, 1, dtype="float32", quality="HQ")
+        produced, frames_read = 0, 0
+        while wanted is None or produced < wanted:
+            try:
+                data = handle.read(frames=block, dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError, EOFError) as err:
+                raise AudioDecodeError(f"{path} failed partway through decoding ({err})") from err
+            last = data.shape[0] < block
+            frames_read += data.shape[0]
+            if not np.isfinite(data).all():
+                raise AudioDecodeError(f"{path} decodes to samples that are NaN or infinite")
+            mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+            if stream is not None:
+                mono = stream.resample_chunk(np.ascontiguousarray(mono), last=last)
+            if wanted is not None:
+                mono = mono[: wanted - produced]
+            if mono.size:
+                out = np.ascontiguousarray(mono, dtype=np.float32)
+                np.clip(out, -1.0, 1.0, out=out)
+                produced += out.size
+                yield out
+            if last:
+                break
+        if frames_read == 0:
+            raise AudioDecodeError(f"{path} holds no audio frames")
+
+
+def write_audio(
+    path: str | os.PathLike, waveform: np.ndarray, *, sample_rate: int = SAMPLE_RATE
+) -> Path:
+    """Write a mono waveform in [-1, 1] as a 16-bit WAV file, atomically.
+
+    Args:
+        path: the ``.wav`` file to write (its folder is created).
+        waveform: ``(samples,)`` float audio.
+        sample_rate: Hz.
+    """
+    from resemul_core.files import atomic_write
+
+    path = Path(path)
+    with atomic_write(path) as handle:
+        sf.write(
+            handle,
+            np.asarray(waveform, dtype=np.float32),
+            sample_rate,
+            format="WAV",
+            subtype="PCM_16",
+        )
+    return path
 
 
 def segment_waveform(
