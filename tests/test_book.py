@@ -146,6 +146,7 @@ def test_the_book_builds_without_warnings(built_book):
     assert "Did the gates learn?" in excitation and "most first-block channels" in excitation
     tagging = (html / "executed" / "05_tag_music.html").read_text()
     assert "Tag your own music" in tagging and "linear probe on embeddings" in tagging
+    assert "probe - head (paired over clips)" in tagging
     assert "not on MagnaTagATune" in tagging  # the demo model is never presented as MTAT's
     assert (work / "tagging" / "taggram.png").is_file()
     assert "Training se-multi" in (html / "training.html").read_text()

@@ -49,7 +49,7 @@ def plot_taggram(
     """
     if taggram.empty:
         raise ValueError("the taggram is empty: no segments to plot")
-    clip = taggram.mean(axis=0).sort_values(ascending=False)
+    clip = taggram.mean(axis=0).sort_values(ascending=False, kind="stable")
     shown = clip.index[: top if top is not None else None]
     starts = taggram.index.to_numpy(dtype=np.float64)
     if segment_seconds is None:
@@ -103,7 +103,7 @@ def tags_by_section(taggram: pd.DataFrame, sections: pd.DataFrame, *, top: int =
     rows = []
     for _, section in sections.iterrows():
         inside = (starts >= section["start"]) & (starts < section["end"])
-        mean = taggram[inside].mean(axis=0).sort_values(ascending=False)
+        mean = taggram[inside].mean(axis=0).sort_values(ascending=False, kind="stable")
         listed = ", ".join(f"{tag} ({p:.2f})" for tag, p in mean.iloc[:top].items())
         rows.append({"section": section["section"], "segments": int(inside.sum()), "tags": listed})
     return pd.DataFrame(rows).set_index("section")

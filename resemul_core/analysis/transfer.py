@@ -20,10 +20,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from resemul_core.analysis.statistics import score_interval
+from resemul_core.analysis.statistics import paired_difference, score_interval
 from resemul_core.data.store import SegmentStore
 
-__all__ = ["clip_embeddings", "linear_probe", "probe_display"]
+__all__ = ["PAIRED_DIFFERENCE", "clip_embeddings", "linear_probe", "probe_display"]
+
+#: The row of :func:`linear_probe`'s table that holds probe - head, paired over test clips.
+PAIRED_DIFFERENCE = "probe - head (paired over clips)"
 
 
 def clip_embeddings(
@@ -75,9 +78,11 @@ def linear_probe(
     Returns:
         ``(table, scores)``: the table has one row per predictor ("linear probe on
         embeddings", and "the network's head" if ``head`` is given) with the macro ROC-AUC and
-        PR-AUC over tags and their 95 % intervals over test clips; ``scores`` is the probe's
-        ``(K_test, T)`` probabilities. A tag with one class only in the training clips gets
-        the training rate as its score (it cannot be fitted).
+        PR-AUC over tags and their 95 % intervals over test clips, and with ``head`` a row
+        :data:`PAIRED_DIFFERENCE`: probe minus head, its interval from the same resampled
+        clips for both (:func:`~resemul_core.analysis.statistics.paired_difference`).
+        ``scores`` is the probe's ``(K_test, T)`` probabilities. A tag with one class only in
+        the training clips gets the training rate as its score (it cannot be fitted).
     """
     (x_train, y_train), (x_test, y_test) = train, test
     if x_train.shape[1] != x_test.shape[1]:
@@ -98,6 +103,24 @@ def linear_probe(
         row: dict = {"predictor": name}
         for metric in ("roc_auc", "pr_auc"):
             interval = score_interval(y_test, values, metric, num_resamples=num_resamples)
+            row.update(
+                {
+                    metric: interval.estimate,
+                    f"{metric}_low": interval.low,
+                    f"{metric}_high": interval.high,
+                }
+            )
+        rows.append(row)
+    if head is not None:  # the same resampled clips for both: a paired interval
+        row = {"predictor": PAIRED_DIFFERENCE}
+        for metric in ("roc_auc", "pr_auc"):
+            interval = paired_difference(
+                y_test,
+                scores,
+                predictors["the network's head"],
+                metric,
+                num_resamples=num_resamples,
+            )
             row.update(
                 {
                     metric: interval.estimate,
