@@ -420,11 +420,6 @@ class Tagger:
 
     # --- conveniences ----------------------------------------------------------------------
 
-    def segments_of(self, audio: Audio, **choice) -> np.ndarray:
-        """The model inputs for some audio: ``(S, segment_length)`` float32."""
-        batches, _ = self.segment_batches(audio, **choice)
-        return np.concatenate(list(batches))
-
     def predict(self, audio: Audio, **choice) -> np.ndarray:
         """Clip-level tag probabilities: ``(T,)`` float32, the mean over the segments of
         their sigmoid outputs. ``audio`` and ``choice`` as in :meth:`analyse`."""
