@@ -18,6 +18,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from resemul_core.interfaces.cli import main
 from resemul_core.interfaces.pipeline import fit, prepare
 from resemul_core.interfaces.tag_files import find_audio, tag_files, tag_table
 from resemul_core.interfaces.tagger import Tagger, segment_starts
@@ -79,6 +80,11 @@ def song(tmp_path_factory):
     return path
 
 
+def resemul(*args) -> int:
+    """``resemul ARGS...`` in this process; paths may be given as they are."""
+    return main([str(a) for a in args])
+
+
 def test_segment_starts_for_each_mode():
     assert segment_starts(1000, 243, "whole").tolist() == [0, 243, 486, 729]
     assert segment_starts(1000, 243, "first", 2).tolist() == [0, 243]
@@ -94,8 +100,6 @@ def test_segment_starts_for_each_mode():
 
 
 def test_a_four_minute_song_is_tagged_whole_not_from_its_first_29_s(trained, song, capsys):
-    from resemul_core.interfaces.cli import main
-
     tagger = Tagger.from_checkpoint(trained, device="cpu", precision="fp32")
     assert (tagger.sample_rate, tagger.num_segments, tagger.duration) == (RATE, PER_CLIP, 29.0)
     whole = tagger.analyse(song)
@@ -114,18 +118,16 @@ def test_a_four_minute_song_is_tagged_whole_not_from_its_first_29_s(trained, son
     outputs = {}
     for extra in ([], ["--all-segments"], ["--segments", "first"]):
         assert (
-            main(
-                [
-                    "tag",
-                    str(song),
-                    "--checkpoint",
-                    str(trained),
-                    "--json",
-                    "--precision",
-                    "fp32",
-                    "--no-progress",
-                    *extra,
-                ]
+            resemul(
+                "tag",
+                song,
+                "--checkpoint",
+                trained,
+                "--json",
+                "--precision",
+                "fp32",
+                "--no-progress",
+                *extra,
             )
             == 0
         )
@@ -236,8 +238,6 @@ def test_streaming_keeps_memory_bounded_for_long_files(trained, tmp_path):
 
 
 def test_folders_are_tagged_in_order_and_bad_files_are_skipped(trained, song, tmp_path, capsys):
-    from resemul_core.interfaces.cli import main
-
     folder = tmp_path / "music"
     (folder / "b" / "deeper").mkdir(parents=True)
     sf.write(folder / "a.wav", tone(3.0, 300, seed=3), RATE)
@@ -259,18 +259,7 @@ def test_folders_are_tagged_in_order_and_bad_files_are_skipped(trained, song, tm
     assert table["status"].tolist() == ["ok", "skipped", "ok", "ok"]
     # the command line: one row per file, the bad one reported and listed, exit status 1
     out = tmp_path / "tags.csv"
-    code = main(
-        [
-            "tag",
-            str(folder),
-            str(song),
-            "--checkpoint",
-            str(trained),
-            "--csv",
-            str(out),
-            "--no-progress",
-        ]
-    )
+    code = resemul("tag", folder, song, "--checkpoint", trained, "--csv", out, "--no-progress")
     captured = capsys.readouterr()
     assert code == 1
     assert "skipped: " in captured.err and "broken.mp3" in captured.err
@@ -285,34 +274,26 @@ def test_folders_are_tagged_in_order_and_bad_files_are_skipped(trained, song, tm
         written.loc[0, TAGS].to_numpy(float), outcomes[0].result.clip_probabilities, atol=1e-6
     )
     # nothing decodable at all: exit status 2
-    assert (
-        main(
-            ["tag", str(folder / "b" / "broken.mp3"), "--checkpoint", str(trained), "--no-progress"]
-        )
-        == 2
-    )
+    broken = folder / "b" / "broken.mp3"
+    assert resemul("tag", broken, "--checkpoint", trained, "--no-progress") == 2
 
 
 def test_cli_taggram_figure_and_table(trained, song, tmp_path, capsys):
-    from resemul_core.interfaces.cli import main
-
     png, csv = tmp_path / "taggram.png", tmp_path / "taggram.csv"
     for out in (png, csv):
         assert (
-            main(
-                [
-                    "tag",
-                    str(song),
-                    "--checkpoint",
-                    str(trained),
-                    "--segments",
-                    "spread",
-                    "--num-segments",
-                    "40",
-                    "--taggram",
-                    str(out),
-                    "--no-progress",
-                ]
+            resemul(
+                "tag",
+                song,
+                "--checkpoint",
+                trained,
+                "--segments",
+                "spread",
+                "--num-segments",
+                "40",
+                "--taggram",
+                out,
+                "--no-progress",
             )
             == 0
         )
@@ -323,44 +304,16 @@ def test_cli_taggram_figure_and_table(trained, song, tmp_path, capsys):
     assert taggram["high"].iloc[-10:].mean() > taggram["high"].iloc[:4].mean()
     capsys.readouterr()
     assert (
-        main(
-            [
-                "tag",
-                str(song),
-                str(song),
-                "--checkpoint",
-                str(trained),
-                "--taggram",
-                str(png),
-                "--no-progress",
-            ]
-        )
-        == 2
+        resemul("tag", song, song, "--checkpoint", trained, "--taggram", png, "--no-progress") == 2
     )
     assert "--taggram takes one audio file, but 2 were given" in capsys.readouterr().err
 
 
 def test_cli_embed_writes_npy_and_parquet(trained, song, tmp_path, capsys):
-    from resemul_core.interfaces.cli import main
-
     clip = tmp_path / "clip.wav"
     sf.write(clip, tone(1.5, 1300, seed=5), RATE)
     npy = tmp_path / "emb.npy"
-    assert (
-        main(
-            [
-                "embed",
-                str(clip),
-                str(song),
-                "--checkpoint",
-                str(trained),
-                "--out",
-                str(npy),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert resemul("embed", clip, song, "--checkpoint", trained, "--out", npy, "--no-progress") == 0
     assert "2 embeddings (file)" in capsys.readouterr().out
     tagger = Tagger.from_checkpoint(trained, device="cpu")
     matrix = np.load(npy)
@@ -370,20 +323,18 @@ def test_cli_embed_writes_npy_and_parquet(trained, song, tmp_path, capsys):
     np.testing.assert_allclose(matrix[0], tagger.embed(clip, per="file"), rtol=1e-6)
     parquet = tmp_path / "emb.parquet"
     assert (
-        main(
-            [
-                "embed",
-                str(clip),
-                "--checkpoint",
-                str(trained),
-                "--out",
-                str(parquet),
-                "--per",
-                "segment",
-                "--blocks",
-                "all",
-                "--no-progress",
-            ]
+        resemul(
+            "embed",
+            clip,
+            "--checkpoint",
+            trained,
+            "--out",
+            parquet,
+            "--per",
+            "segment",
+            "--blocks",
+            "all",
+            "--no-progress",
         )
         == 0
     )
@@ -392,12 +343,7 @@ def test_cli_embed_writes_npy_and_parquet(trained, song, tmp_path, capsys):
     assert frame.shape == (1.5 * RATE // LENGTH, 3 + channels)
     assert frame["time"].tolist() == pytest.approx(np.arange(24) * LENGTH / RATE)
     capsys.readouterr()
-    assert (
-        main(
-            ["embed", str(clip), "--checkpoint", str(trained), "--out", str(npy), "--blocks", "0,9"]
-        )
-        == 2
-    )
+    assert resemul("embed", clip, "--checkpoint", trained, "--out", npy, "--blocks", "0,9") == 2
     assert "--blocks 0,9: expected block numbers between 1 and 4" in capsys.readouterr().err
 
 
@@ -407,7 +353,6 @@ def test_the_authors_keras_file_tags_directly_converted_once(tmp_path, monkeypat
     from test_keras_import import build_official, write_keras
 
     from resemul_core.data.tags import MTAT_TOP50_TAGS
-    from resemul_core.interfaces.cli import main
     from resemul_core.model.keras_import import import_keras
 
     monkeypatch.setenv("RESEMUL_CACHE", str(tmp_path / "cache"))
@@ -430,12 +375,12 @@ def test_the_authors_keras_file_tags_directly_converted_once(tmp_path, monkeypat
         "fp32",
         "--no-progress",
     ]
-    assert main(argv) == 0
+    assert resemul(*argv) == 0
     (first,) = __import__("json").loads(capsys.readouterr().out)
     cached = list((tmp_path / "cache" / "keras").glob("*-se-multi.pt"))
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
-    assert main(argv) == 0
+    assert resemul(*argv) == 0
     (second,) = __import__("json").loads(capsys.readouterr().out)
     assert cached[0].stat().st_mtime_ns == stamp and second == first
     assert sorted(t["tag"] for t in first["tags"]) == sorted(MTAT_TOP50_TAGS)
@@ -445,5 +390,5 @@ def test_the_authors_keras_file_tags_directly_converted_once(tmp_path, monkeypat
         expected = torch.sigmoid(model(torch.from_numpy(waveform[None, :59_049])))[0].numpy()
     got = {t["tag"]: t["probability"] for t in first["tags"]}
     np.testing.assert_allclose([got[t] for t in MTAT_TOP50_TAGS], expected, atol=1e-6)
-    assert main(["tag", str(clip), "--checkpoint", str(keras_file), "--no-progress"]) == 2
+    assert resemul("tag", clip, "--checkpoint", keras_file, "--no-progress") == 2
     assert "is a Keras file: give the variant it holds" in capsys.readouterr().err
